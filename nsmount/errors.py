@@ -1,0 +1,116 @@
+"""The exceptions nsmount raises, one boundary for raw OSError.
+
+Every error carries an exit code (distinct per kind, so scripts can branch on
+it) and a hint telling the admin what to do.  Exit codes 0 and 1 are reserved
+for "clean" and "repaired"; errors start at 2.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+
+class NsmountError(Exception):
+    """Base class.  ``str(err)`` is a one-line message for the admin."""
+
+    exit_code = 2
+    hint = ""
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        if hint is not None:
+            self.hint = hint
+
+    def oneline(self) -> str:
+        msg = str(self)
+        return f"{msg} ({self.hint})" if self.hint else msg
+
+
+class SpecError(NsmountError):
+    """A VM spec (TOML/JSON, domain XML, status XML, command line) is malformed."""
+
+    exit_code = 3
+
+
+class UnsafePathError(SpecError):
+    """A path outside /dev, with '..', a symlink loop, or a planted symlink."""
+
+    exit_code = 4
+
+
+class DeviceMissingError(NsmountError):
+    """A required device path does not exist on the host (or is not a device)."""
+
+    exit_code = 5
+
+
+class PrivilegeError(NsmountError):
+    """EPERM/EACCES from the kernel: the command needs more privilege."""
+
+    exit_code = 6
+    hint = "run as root (needs CAP_SYS_ADMIN, plus CAP_MKNOD to create nodes)"
+
+
+class CommandNotFoundError(NsmountError):
+    """The command to exec does not exist."""
+
+    exit_code = 7
+
+
+class TargetError(NsmountError):
+    """A target VM cannot be resolved, pinned or entered."""
+
+    exit_code = 8
+
+
+class NoSuchProcessError(TargetError):
+    """The target process does not exist or exited while we worked on it."""
+
+    exit_code = 9
+
+
+class HostTargetError(TargetError):
+    """The target shares the caller's mount namespace: refusing by construction."""
+
+    exit_code = 10
+    hint = "nsmount only works on a VM's private mount namespace, never the host's"
+
+
+class NoRecordError(TargetError):
+    """We do not know what the target should look like."""
+
+    exit_code = 11
+    hint = "supply one with --spec FILE or --domain-xml FILE"
+
+
+class UnsupportedKernelError(NsmountError):
+    """The running kernel lacks a needed syscall or flag."""
+
+    exit_code = 12
+
+
+class BusyError(NsmountError):
+    """Another nsmount holds the VM's lock and did not release it in time."""
+
+    exit_code = 13
+
+
+class ActionError(NsmountError):
+    """One action failed while being applied inside a namespace."""
+
+    exit_code = 14
+
+
+def from_oserror(exc: OSError, what: str) -> NsmountError:
+    """Turn a raw OSError into the matching NsmountError (the one boundary)."""
+    where = f" {exc.filename}" if exc.filename else ""
+    msg = f"{what}:{where}: {exc.strerror or exc}"
+    if exc.errno in (_errno.EPERM, _errno.EACCES):
+        return PrivilegeError(msg)
+    if exc.errno == _errno.ESRCH:
+        return NoSuchProcessError(msg)
+    if exc.errno == _errno.ENOSYS:
+        return UnsupportedKernelError(msg, hint="needs Linux 5.12 or newer")
+    if exc.errno == _errno.ELOOP:
+        return UnsafePathError(msg, hint="a symlink where nsmount expected a plain path")
+    return ActionError(msg)

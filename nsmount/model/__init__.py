@@ -1,0 +1,1 @@
+"""Pure models and parsers: no syscalls that change anything, no root needed."""

@@ -1,0 +1,236 @@
+"""Parse /proc/<pid>/mountinfo into a mount tree with propagation state.
+
+Format (proc(5)): ``id parent major:minor root mountpoint opts [optional...] - fstype
+source superopts``.  Paths use octal escapes (``\\040`` space, ``\\012`` newline,
+``\\134`` backslash); optional fields are ``shared:N``, ``master:N``,
+``propagate_from:N`` and ``unbindable``.  Lines are read whole (the reference read
+them into a 1024-byte buffer and truncated long paths).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+from ..errors import SpecError
+from .paths import components, is_within
+
+_OCTAL = re.compile(r"\\([0-7]{3})")
+
+
+class MountinfoError(SpecError):
+    """A mountinfo line that does not follow proc(5)."""
+
+
+def unescape(field_: str) -> str:
+    """Decode the kernel's octal escapes; bytes above 0x7f are UTF-8 (surrogateescape)."""
+    if "\\" not in field_:
+        return field_
+    raw = _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), field_)
+    try:
+        return raw.encode("latin-1").decode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return raw
+
+
+def escape(path: str) -> str:
+    """Inverse of :func:`unescape` for the characters the kernel escapes."""
+    out = []
+    for ch in path:
+        if ch in " \t\n\\":
+            out.append("\\%03o" % ord(ch))
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+@dataclass(frozen=True)
+class Mount:
+    mount_id: int
+    parent_id: int
+    major: int
+    minor: int
+    root: str
+    mountpoint: str
+    options: str
+    fstype: str
+    source: str
+    superoptions: str
+    shared: int | None = None  # peer group id
+    master: int | None = None  # master peer group id (slave)
+    propagate_from: int | None = None
+    unbindable: bool = False
+
+    @property
+    def dev(self) -> tuple[int, int]:
+        return (self.major, self.minor)
+
+    @property
+    def propagation(self) -> str:
+        """'shared', 'slave', 'shared+slave', 'private' or 'unbindable'."""
+        if self.unbindable:
+            return "unbindable"
+        if self.shared is not None and self.master is not None:
+            return "shared+slave"
+        if self.shared is not None:
+            return "shared"
+        if self.master is not None:
+            return "slave"
+        return "private"
+
+    def option(self, name: str) -> str | None:
+        """Value of a super-option (``pagesize=2M``); '' for a flag; None if absent."""
+        for opt in self.superoptions.split(","):
+            key, _, val = opt.partition("=")
+            if key == name:
+                return val
+        return None
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "id": self.mount_id, "parent": self.parent_id, "dev": f"{self.major}:{self.minor}",
+            "root": self.root, "target": self.mountpoint, "fstype": self.fstype,
+            "source": self.source, "options": self.options, "super_options": self.superoptions,
+            "propagation": self.propagation, "peer_group": self.shared, "master": self.master,
+        }
+
+
+def _int(text: str, what: str, line: str) -> int:
+    if not text.isdigit():
+        raise MountinfoError(f"mountinfo: bad {what} {text!r} in line {line!r}")
+    return int(text)
+
+
+def parse_line(line: str) -> Mount:
+    parts = line.split(" ")
+    try:
+        sep = parts.index("-", 6)
+    except ValueError:
+        raise MountinfoError(f"mountinfo: no '-' separator in line {line!r}") from None
+    if len(parts) < sep + 3 or sep < 6:
+        raise MountinfoError(f"mountinfo: too few fields in line {line!r}")
+    mid = _int(parts[0], "mount id", line)
+    pid = _int(parts[1], "parent id", line)
+    majmin = parts[2].split(":")
+    if len(majmin) != 2:
+        raise MountinfoError(f"mountinfo: bad major:minor {parts[2]!r}")
+    major = _int(majmin[0], "major", line)
+    minor = _int(majmin[1], "minor", line)
+    shared = master = pfrom = None
+    unbindable = False
+    for opt in parts[6:sep]:
+        tag, _, val = opt.partition(":")
+        if tag == "shared":
+            shared = _int(val, "peer group", line)
+        elif tag == "master":
+            master = _int(val, "master group", line)
+        elif tag == "propagate_from":
+            pfrom = _int(val, "propagate_from", line)
+        elif tag == "unbindable":
+            unbindable = True
+        # unknown optional fields are ignored, as proc(5) asks
+    fstype, source = parts[sep + 1], parts[sep + 2]
+    superopts = " ".join(parts[sep + 3:])
+    return Mount(
+        mount_id=mid, parent_id=pid, major=major, minor=minor,
+        root=unescape(parts[3]), mountpoint=unescape(parts[4]), options=parts[5],
+        fstype=unescape(fstype), source=unescape(source), superoptions=superopts,
+        shared=shared, master=master, propagate_from=pfrom, unbindable=unbindable,
+    )
+
+
+def parse(text: str) -> list[Mount]:
+    """Parse a whole mountinfo text.  Raises :class:`MountinfoError` on bad input."""
+    if not isinstance(text, str):
+        raise MountinfoError("mountinfo: expected text")
+    return [parse_line(line) for line in text.split("\n") if line.strip()]
+
+
+def read(pid: int | str = "self") -> list[Mount]:
+    """Read and parse ``/proc/<pid>/mountinfo`` (``thread-self`` for the caller thread)."""
+    path = "/proc/thread-self/mountinfo" if pid == "thread-self" else f"/proc/{pid}/mountinfo"
+    with open(path, encoding="latin-1") as fh:  # unescape() re-decodes as UTF-8
+        text = fh.read()
+    return parse(text.encode("latin-1").decode("latin-1"))
+
+
+@dataclass
+class MountTree:
+    """Mounts indexed by id, with children and the visible mount per path."""
+
+    mounts: list[Mount]
+    by_id: dict[int, Mount] = field(init=False)
+    children: dict[int, list[Mount]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.by_id = {m.mount_id: m for m in self.mounts}
+        self.children = {}
+        for m in self.mounts:
+            if m.parent_id != m.mount_id:
+                self.children.setdefault(m.parent_id, []).append(m)
+
+    @classmethod
+    def from_text(cls, text: str) -> "MountTree":
+        return cls(parse(text))
+
+    def root(self) -> Mount | None:
+        for m in self.mounts:
+            if m.parent_id not in self.by_id or m.parent_id == m.mount_id:
+                return m
+        return None
+
+    def at(self, path: str) -> list[Mount]:
+        """All mounts whose mount point is ``path``, bottom first (stacking order)."""
+        found = [m for m in self.mounts if m.mountpoint == path]
+        # a mount stacked on another at the same path has that one as parent
+        ordered: list[Mount] = []
+        ids = {m.mount_id for m in found}
+        bottom = [m for m in found if m.parent_id not in ids]
+        while bottom:
+            cur = bottom.pop()
+            ordered.append(cur)
+            bottom.extend(c for c in self.children.get(cur.mount_id, ()) if c.mountpoint == path)
+        return ordered
+
+    def top_at(self, path: str) -> Mount | None:
+        stack = self.at(path)
+        return stack[-1] if stack else None
+
+    def visible(self) -> list[Mount]:
+        """Mounts reachable from the root without being covered by a later mount.
+
+        A mount is hidden when a mount stacks on its mount point, or on an ancestor
+        directory of it (e.g. hugetlbfs propagated under a VM's old /dev that the
+        VM's new /dev tmpfs covers).
+        """
+        root = self.root()
+        if root is None:
+            return []
+        out: list[Mount] = []
+
+        def walk(m: Mount) -> None:
+            kids = self.children.get(m.mount_id, [])
+            out.append(m)
+            for k in kids:
+                if self._covered(k, kids):
+                    continue
+                walk(k)
+
+        walk(root)
+        return out
+
+    def _covered(self, k: Mount, siblings: list[Mount]) -> bool:
+        # covered by a sibling mounted later (higher id) at or above its mount point
+        for s in siblings:
+            if s is k or s.mount_id < k.mount_id:
+                continue
+            if is_within(k.mountpoint, s.mountpoint):
+                return True
+        return False
+
+    def under(self, path: str, mounts: Iterable[Mount] | None = None) -> Iterator[Mount]:
+        """Mounts whose mount point is strictly below ``path``."""
+        for m in self.mounts if mounts is None else mounts:
+            if is_within(m.mountpoint, path) and components(m.mountpoint) != components(path):
+                yield m

@@ -1,0 +1,60 @@
+"""Canonical absolute paths, compared by component (never by string prefix)."""
+
+from __future__ import annotations
+
+import posixpath
+
+from ..errors import UnsafePathError
+
+
+def canonical(path: str, *, what: str = "path") -> str:
+    """Return ``path`` normalised, refusing relative paths, '..' and NUL.
+
+    ``/dev//sda`` and ``/dev/./sda`` become ``/dev/sda``; ``/dev/../etc`` is refused
+    rather than normalised, because a '..' in a configured device path is either a
+    mistake or an attack (the reference checked a '/dev' string prefix and let
+    ``/dev/../var/x`` through).
+    """
+    if not isinstance(path, str) or not path:
+        raise UnsafePathError(f"{what} is empty")
+    if "\0" in path:
+        raise UnsafePathError(f"{what} {path!r} contains a NUL byte")
+    if not path.startswith("/"):
+        raise UnsafePathError(f"{what} {path!r} is not absolute")
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise UnsafePathError(f"{what} {path!r} contains '..'")
+    return "/" + "/".join(parts)
+
+
+def components(path: str) -> tuple[str, ...]:
+    return tuple(p for p in path.split("/") if p)
+
+
+def is_within(path: str, root: str) -> bool:
+    """True when ``path`` is ``root`` or below it, by whole components."""
+    p, r = components(path), components(root)
+    return p[: len(r)] == r
+
+
+def is_strictly_within(path: str, root: str) -> bool:
+    return is_within(path, root) and components(path) != components(root)
+
+
+def join_link(link_path: str, target: str) -> str:
+    """Resolve a symlink target against the link's directory, lexically.
+
+    '..' is allowed here (``../../sda`` from ``/dev/disk/by-id``) and resolved
+    lexically; the caller re-checks the result with :func:`canonical`.
+    """
+    if target.startswith("/"):
+        joined = target
+    else:
+        joined = posixpath.join(posixpath.dirname(link_path), target)
+    return posixpath.normpath(joined).replace("//", "/")
+
+
+def relative(path: str, root: str) -> str:
+    """``path`` relative to ``root`` (both canonical, path within root)."""
+    rel = components(path)[len(components(root)):]
+    return "/".join(rel)
