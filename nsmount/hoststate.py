@@ -1,0 +1,81 @@
+"""Read the host's side once: its mount table, /dev submounts, hugetlbfs mounts, and
+the resolved device entries of a spec.  Produces :class:`nsmount.plan.Desired`."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .hostfacts import Skipped, resolve_spec
+from .model import mountinfo
+from .model.hostmounts import HostMount, dev_submounts, hugetlbfs_mounts
+from .model.mountinfo import MountTree
+from .model.paths import canonical
+from .model.spec import VmSpec
+from .plan import Desired, flatten_entries, hugepage_dirs_for
+
+
+def default_hugepage_size() -> int | None:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("Hugepagesize:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+@dataclass
+class HostState:
+    tree: MountTree
+    submounts: tuple[HostMount, ...]   # top-level /dev submounts
+    hugetlbfs: tuple[HostMount, ...]
+
+    @classmethod
+    def read(cls) -> "HostState":
+        tree = MountTree(mountinfo.read("self"))
+        dps = default_hugepage_size()
+        subs = tuple(HostMount.from_mount(m, dps) for m in dev_submounts(tree))
+        return cls(tree, subs, tuple(hugetlbfs_mounts(tree, dps)))
+
+    def mount_at(self, path: str) -> HostMount | None:
+        from .model.hostmounts import visible_top
+
+        m = visible_top(self.tree, path)
+        return HostMount.from_mount(m, default_hugepage_size()) if m else None
+
+    def vm_mounts(self, spec: VmSpec) -> tuple[HostMount, ...]:
+        """Every host mount the VM must see: /dev submounts, hugetlbfs, configured."""
+        out: dict[str, HostMount] = {}
+        for h in (*self.submounts, *self.hugetlbfs):
+            out.setdefault(h.path, h)
+        for p in spec.mounts:
+            h = self.mount_at(canonical(p))
+            if h is not None:
+                out.setdefault(h.path, h)
+        return tuple(out.values())
+
+    def desired(self, spec: VmSpec, *, pid: int) -> tuple[Desired, list[Skipped]]:
+        resolved, skipped = resolve_spec(spec)
+        entries = flatten_entries([r.entries for r in resolved])
+        dirs: tuple[tuple[str, str], ...] = ()
+        if spec.wants_hugepages:
+            dirs = hugepage_dirs_for(self.hugetlbfs, effective_id(spec, pid),
+                                     effective_name(spec), spec.hugepages)
+        return Desired(entries=entries, mounts=self.vm_mounts(spec), hugepage_dirs=dirs,
+                       uid=spec.uid, gid=spec.gid,
+                       host_mounts=tuple(self.tree.visible())), skipped
+
+
+def effective_id(spec: VmSpec, pid: int) -> int:
+    """libvirt's runtime id when known; else the QEMU pid (unique while it runs)."""
+    return spec.domain_id if spec.domain_id is not None else pid
+
+
+def effective_name(spec: VmSpec) -> str:
+    return spec.name or "vm"
+
+
+def read_pid_env() -> int:
+    return os.getpid()

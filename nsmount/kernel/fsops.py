@@ -1,0 +1,199 @@
+"""Symlink-proof file operations relative to a directory fd.
+
+Inside a VM's namespace anything QEMU can write may hold planted symlinks.  Every
+lookup here goes through ``openat2(RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS|
+RESOLVE_NO_MAGICLINKS)`` from a trusted base fd, and every change is made with an
+``*at`` call on a verified parent fd plus a leaf name, so no string path is ever
+resolved through a symlink.  A symlink met on the way raises ``OSError(ELOOP)``
+naming the path.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from typing import Iterable
+
+from . import consts as C
+from . import syscalls
+
+SAFE_RESOLVE = C.RESOLVE_BENEATH | C.RESOLVE_NO_SYMLINKS | C.RESOLVE_NO_MAGICLINKS
+_O_PATH_DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW
+
+
+def split(rel: str) -> tuple[str, str]:
+    """'a/b/c' -> ('a/b', 'c'); 'c' -> ('', 'c')."""
+    rel = rel.strip("/")
+    head, _, tail = rel.rpartition("/")
+    return head, tail
+
+
+def open_path(base: int, rel: str, flags: int = os.O_PATH | os.O_NOFOLLOW) -> int:
+    """Open ``rel`` beneath ``base`` refusing every symlink on the way."""
+    rel = rel.strip("/")
+    if not rel:
+        return os.dup(base) if flags & os.O_PATH else syscalls.openat2(base, ".", flags,
+                                                                        SAFE_RESOLVE)
+    return syscalls.openat2(base, rel, flags, SAFE_RESOLVE)
+
+
+def open_dir(base: int, rel: str) -> int:
+    return open_path(base, rel, _O_PATH_DIR)
+
+
+def lstat_at(base: int, rel: str) -> os.stat_result | None:
+    """lstat of ``rel`` under ``base``; None when absent.  ELOOP if a *directory
+    component* is a symlink (the leaf itself may be one and is reported as such)."""
+    head, name = split(rel)
+    try:
+        pfd = open_dir(base, head)
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError:
+        return None
+    try:
+        return os.stat(name, dir_fd=pfd, follow_symlinks=False) if name else os.fstat(pfd)
+    except FileNotFoundError:
+        return None
+    finally:
+        os.close(pfd)
+
+
+def readlink_at(base: int, rel: str) -> str:
+    head, name = split(rel)
+    pfd = open_dir(base, head)
+    try:
+        return os.readlink(name, dir_fd=pfd)
+    finally:
+        os.close(pfd)
+
+
+def ensure_dirs(base: int, rel: str, mode: int = 0o755,
+                uid: int | None = None, gid: int | None = None) -> tuple[int, list[str]]:
+    """mkdir -p without following symlinks; returns (O_PATH fd of the leaf dir,
+    components created).  A symlink or non-directory on the way raises OSError."""
+    cur = os.dup(base)
+    created: list[str] = []
+    done: list[str] = []
+    try:
+        for comp in [c for c in rel.split("/") if c]:
+            done.append(comp)
+            try:
+                nxt = syscalls.openat2(cur, comp, _O_PATH_DIR, SAFE_RESOLVE)
+            except FileNotFoundError:
+                try:
+                    os.mkdir(comp, mode, dir_fd=cur)
+                    created.append("/".join(done))
+                except FileExistsError:
+                    pass  # raced with someone: reopen and verify below
+                nxt = syscalls.openat2(cur, comp, _O_PATH_DIR, SAFE_RESOLVE)
+                if created and created[-1] == "/".join(done):
+                    os.chmod(_fdpath(nxt), mode)  # umask-proof
+                    if uid is not None or gid is not None:
+                        syscalls.fchown_empty(nxt, -1 if uid is None else uid,
+                                              -1 if gid is None else gid)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EXDEV):
+                    raise OSError(exc.errno, os.strerror(exc.errno) +
+                                  " (a symlink or non-directory was planted here)",
+                                  "/".join(done)) from None
+                raise
+            os.close(cur)
+            cur = nxt
+        return cur, created
+    except BaseException:
+        os.close(cur)
+        raise
+
+
+def _fdpath(fd: int) -> str:
+    """The magic link of an fd of ours: chmod/setxattr through it reach exactly the
+    inode we verified, never what a path points at now."""
+    return f"/proc/thread-self/fd/{fd}"
+
+
+def make_node(pfd: int, name: str, kind: int, rdev: int, mode: int, uid: int, gid: int,
+              xattrs: Iterable[tuple[str, bytes]] = (), replace: bool = False) -> None:
+    """Create (or atomically replace) a device node with exact owner, mode, xattrs.
+
+    The node is made under a temporary name, given its attributes, verified through
+    an O_PATH fd, then renamed into place: the path never shows a half-made node
+    and a replaced entry (e.g. a planted symlink) is never followed.
+    """
+    tmp = f".nsmount-{os.getpid()}-{name}"
+    try:
+        os.unlink(tmp, dir_fd=pfd)
+    except FileNotFoundError:
+        pass
+    os.mknod(tmp, kind | 0o600, rdev, dir_fd=pfd)
+    try:
+        set_attrs(pfd, tmp, kind, rdev, mode, uid, gid, xattrs)
+        if not replace:
+            try:
+                os.stat(name, dir_fd=pfd, follow_symlinks=False)
+                raise FileExistsError(errno.EEXIST, "exists", name)
+            except FileNotFoundError:
+                pass
+        os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
+    except BaseException:
+        try:
+            os.unlink(tmp, dir_fd=pfd)
+        except OSError:
+            pass
+        raise
+
+
+def set_attrs(pfd: int, name: str, kind: int, rdev: int | None, mode: int, uid: int, gid: int,
+              xattrs: Iterable[tuple[str, bytes]] = ()) -> None:
+    """Set owner, mode and xattrs of ``name`` after verifying what it is."""
+    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+    try:
+        st = os.fstat(fd)
+        if stat.S_IFMT(st.st_mode) != kind or (rdev is not None and st.st_rdev != rdev):
+            raise OSError(errno.EEXIST, "unexpected file type (swapped under us?)", name)
+        syscalls.fchown_empty(fd, uid, gid)
+        os.chmod(_fdpath(fd), mode & 0o7777)
+        for key, val in xattrs:
+            try:
+                os.setxattr(_fdpath(fd), key, val)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                    raise
+    finally:
+        os.close(fd)
+
+
+def symlink_at(pfd: int, name: str, target: str) -> bool:
+    """Make ``name`` a symlink to ``target``, atomically replacing whatever non-directory
+    is there.  Returns False when it already pointed right."""
+    try:
+        if os.readlink(name, dir_fd=pfd) == target:
+            return False
+    except (FileNotFoundError, OSError):
+        pass
+    tmp = f".nsmount-{os.getpid()}-{name}"
+    try:
+        os.unlink(tmp, dir_fd=pfd)
+    except FileNotFoundError:
+        pass
+    os.symlink(target, tmp, dir_fd=pfd)
+    try:
+        os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
+    except BaseException:
+        os.unlink(tmp, dir_fd=pfd)
+        raise
+    return True
+
+
+def remove_at(pfd: int, name: str) -> bool:
+    """unlinkat a non-directory entry; False if already gone."""
+    try:
+        os.unlink(name, dir_fd=pfd)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def mount_id(fd: int, rel: str = "") -> tuple[int, bool]:
+    return syscalls.statx_mount(fd, rel)

@@ -1,0 +1,214 @@
+"""ctypes wrappers for the mount, namespace and path-resolution syscalls.
+
+Python 3.11 has no ``os.setns``/``open_tree``/``openat2``; we call ``syscall()``
+through libc with ``use_errno=True`` and raise ``OSError(errno, strerror, path)``
+so callers see the real errno and the path that failed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+from typing import Final
+
+from . import consts as C
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+
+_LONG = ctypes.c_long
+_UINT = ctypes.c_uint
+_INT = ctypes.c_int
+
+
+def _fs(path: str | bytes | None) -> bytes | None:
+    if path is None:
+        return None
+    return os.fsencode(path)
+
+
+def _check(ret: int, path: str | bytes | None = None, path2: str | bytes | None = None) -> int:
+    if ret < 0:
+        err = ctypes.get_errno()
+        p = os.fsdecode(path) if path is not None else None
+        p2 = os.fsdecode(path2) if path2 is not None else None
+        raise OSError(err, os.strerror(err), p, None, p2)
+    return ret
+
+
+def unshare(flags: int) -> None:
+    _check(_syscall(_LONG(C.SYS_unshare), _LONG(flags)))
+
+
+def setns(fd: int, nstype: int = 0) -> None:
+    """Join the namespace(s) of ``fd`` (an ns fd or, with 5.8+, a pidfd)."""
+    _check(_syscall(_LONG(C.SYS_setns), _INT(fd), _INT(nstype)), f"<fd {fd}>")
+
+
+def pidfd_open(pid: int) -> int:
+    return os.pidfd_open(pid)
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int = 0,
+          data: str | None = None) -> None:
+    _check(_syscall(_LONG(C.SYS_mount), _fs(source), _fs(target), _fs(fstype),
+                    ctypes.c_ulong(flags), _fs(data)), target)
+
+
+def umount2(target: str, flags: int = 0) -> None:
+    _check(_syscall(_LONG(C.SYS_umount2), _fs(target), _INT(flags)), target)
+
+
+def open_tree(dirfd: int, path: str, flags: int) -> int:
+    return _check(_syscall(_LONG(C.SYS_open_tree), _INT(dirfd), _fs(path), _UINT(flags)), path)
+
+
+def move_mount(from_dirfd: int, from_path: str, to_dirfd: int, to_path: str,
+               flags: int) -> None:
+    _check(_syscall(_LONG(C.SYS_move_mount), _INT(from_dirfd), _fs(from_path),
+                    _INT(to_dirfd), _fs(to_path), _UINT(flags)), from_path or None,
+           to_path or None)
+
+
+class MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+def mount_setattr(dirfd: int, path: str, flags: int, *, attr_set: int = 0, attr_clr: int = 0,
+                  propagation: int = 0) -> None:
+    attr = MountAttr(attr_set, attr_clr, propagation, 0)
+    _check(_syscall(_LONG(C.SYS_mount_setattr), _INT(dirfd), _fs(path), _UINT(flags),
+                    ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr))), path or None)
+
+
+def fsopen(fsname: str, flags: int = C.FSOPEN_CLOEXEC) -> int:
+    return _check(_syscall(_LONG(C.SYS_fsopen), _fs(fsname), _UINT(flags)), fsname)
+
+
+def fsconfig(fd: int, cmd: int, key: str | None = None, value: str | None = None,
+             aux: int = 0) -> None:
+    _check(_syscall(_LONG(C.SYS_fsconfig), _INT(fd), _UINT(cmd), _fs(key), _fs(value),
+                    _INT(aux)), key)
+
+
+def fsmount(fd: int, flags: int = C.FSMOUNT_CLOEXEC, attr_flags: int = 0) -> int:
+    return _check(_syscall(_LONG(C.SYS_fsmount), _INT(fd), _UINT(flags), _UINT(attr_flags)))
+
+
+def new_mount(fstype: str, options: dict[str, str | None], attr_flags: int = 0,
+              source: str | None = None) -> int:
+    """A detached mount (fsopen/fsconfig/fsmount); the fd can be populated with *at()
+    calls and attached later with move_mount.  Closing it unattached unmounts it."""
+    fsfd = fsopen(fstype)
+    try:
+        if source is not None:
+            fsconfig(fsfd, C.FSCONFIG_SET_STRING, "source", source)
+        for key, val in options.items():
+            if val is None:
+                fsconfig(fsfd, C.FSCONFIG_SET_FLAG, key)
+            else:
+                fsconfig(fsfd, C.FSCONFIG_SET_STRING, key, val)
+        fsconfig(fsfd, C.FSCONFIG_CMD_CREATE)
+        return fsmount(fsfd, C.FSMOUNT_CLOEXEC, attr_flags)
+    finally:
+        os.close(fsfd)
+
+
+class OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
+                ("resolve", ctypes.c_uint64)]
+
+
+def openat2(dirfd: int, path: str, flags: int, resolve: int, mode: int = 0) -> int:
+    how = OpenHow(flags | os.O_CLOEXEC, mode, resolve)
+    return _check(_syscall(_LONG(C.SYS_openat2), _INT(dirfd), _fs(path), ctypes.byref(how),
+                           ctypes.c_size_t(ctypes.sizeof(how))), path)
+
+
+# --------------------------------------------------------------- stat helpers
+class _Statx(ctypes.Structure):
+    _fields_ = [("raw", ctypes.c_uint8 * 256)]
+
+
+_libc.statx.argtypes = [_INT, ctypes.c_char_p, _INT, _UINT, ctypes.POINTER(_Statx)]
+_libc.statx.restype = _INT
+
+
+def statx_mount(dirfd: int, path: str = "", flags: int = 0) -> tuple[int, bool]:
+    """(mount id, is mount root) of ``path`` relative to ``dirfd`` (no symlinks followed)."""
+    buf = _Statx()
+    f = flags | C.AT_SYMLINK_NOFOLLOW | C.AT_NO_AUTOMOUNT | (C.AT_EMPTY_PATH if not path else 0)
+    _check(_libc.statx(dirfd, _fs(path), f, C.STATX_MNT_ID, ctypes.byref(buf)), path or None)
+    raw = bytes(buf.raw)
+    attributes = int.from_bytes(raw[8:16], "little")
+    mnt_id = int.from_bytes(raw[144:152], "little")
+    return mnt_id, bool(attributes & C.STATX_ATTR_MOUNT_ROOT)
+
+
+_libc.fstatfs.argtypes = [_INT, ctypes.c_void_p]
+_libc.fstatfs.restype = _INT
+
+
+def fstatfs(fd: int) -> tuple[int, int]:
+    """(f_type, f_bsize) of the filesystem holding ``fd``; f_bsize is the hugepage size
+    on hugetlbfs."""
+    buf = ctypes.create_string_buffer(128)
+    _check(_libc.fstatfs(fd, buf), f"<fd {fd}>")
+    f_type = ctypes.c_long.from_buffer(buf, 0).value & 0xFFFFFFFF
+    f_bsize = ctypes.c_long.from_buffer(buf, ctypes.sizeof(ctypes.c_long)).value
+    return f_type, f_bsize
+
+
+_libc.fchownat.argtypes = [_INT, ctypes.c_char_p, _UINT, _UINT, _INT]
+_libc.fchownat.restype = _INT
+
+
+def fchown_empty(fd: int, uid: int, gid: int) -> None:
+    """chown the object an O_PATH fd refers to (AT_EMPTY_PATH), never a path."""
+    _check(_libc.fchownat(fd, b"", uid, gid, C.AT_EMPTY_PATH), f"<fd {fd}>")
+
+
+# ------------------------------------------------------------------ probes
+_PROBED: dict[str, bool] = {}
+FEATURES: Final = ("open_tree", "move_mount_beneath", "mount_setattr", "openat2", "fsopen",
+                   "set_group")
+
+
+def has_feature(name: str) -> bool:
+    """Probe a kernel feature once (ENOSYS = missing, EINVAL on a flag = too old)."""
+    if name in _PROBED:
+        return _PROBED[name]
+    ok = True
+    try:
+        if name == "openat2":
+            os.close(openat2(C.AT_FDCWD, "/", os.O_PATH, C.RESOLVE_NO_SYMLINKS))
+        elif name == "open_tree":
+            os.close(open_tree(C.AT_FDCWD, "/", C.OPEN_TREE_CLOEXEC))
+        elif name == "fsopen":
+            try:
+                os.close(fsopen("tmpfs"))
+            except OSError as exc:
+                ok = exc.errno not in (errno.ENOSYS,)
+        elif name == "mount_setattr":
+            try:
+                mount_setattr(-1, "", C.AT_EMPTY_PATH)
+            except OSError as exc:
+                ok = exc.errno != errno.ENOSYS
+        elif name in ("move_mount_beneath", "set_group"):
+            # flags are validated before fds: EINVAL means unknown flag
+            flag = C.MOVE_MOUNT_BENEATH if name == "move_mount_beneath" else C.MOVE_MOUNT_SET_GROUP
+            try:
+                move_mount(-1, "", -1, "", flag | C.MOVE_MOUNT_F_EMPTY_PATH
+                           | C.MOVE_MOUNT_T_EMPTY_PATH)
+            except OSError as exc:
+                ok = exc.errno not in (errno.ENOSYS, errno.EINVAL)
+        else:
+            raise ValueError(name)
+    except OSError as exc:
+        ok = exc.errno != errno.ENOSYS
+    _PROBED[name] = ok
+    return ok
