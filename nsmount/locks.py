@@ -1,0 +1,42 @@
+"""One lock per VM (flock under the state dir) so concurrent repair/reconnect runs
+serialise instead of racing on the same namespace."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+from .errors import BusyError
+from .model.record import state_dir
+
+
+@contextmanager
+def vm_lock(pid: int, starttime: int, *, sdir: str | None = None,
+            timeout: float = 30.0) -> Iterator[bool]:
+    """Hold the VM's lock; yields True when we had to wait for another nsmount."""
+    d = os.path.join(state_dir(sdir), "locks")
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    fd = os.open(os.path.join(d, f"{pid}-{starttime}.lock"),
+                 os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    waited = False
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise
+                waited = True
+                if time.monotonic() > deadline:
+                    raise BusyError(f"VM pid {pid} is locked by another nsmount for "
+                                    f"{timeout:.0f}s") from None
+                time.sleep(0.01)
+        yield waited
+    finally:
+        os.close(fd)

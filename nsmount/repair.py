@@ -1,0 +1,233 @@
+"""Face 2: inspect, repair, hotplug and run-in for one running VM.
+
+Library calls (``inspect``, ``repair``, ``device_add``, ``device_remove``) return an
+:class:`~nsmount.session.Outcome`; the ``cmd_*`` functions are the CLI's thin
+wrappers around them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from contextlib import contextmanager
+from typing import Iterator, NoReturn, Sequence
+
+from .actions import RemoveEntry
+from .errors import (CommandNotFoundError, NsmountError, SpecError, UnsafePathError,
+                     from_oserror)
+from .hoststate import HostState
+from .kernel import consts as C
+from .kernel import syscalls
+from .kernel.nsenter import call_in_mntns
+from .locks import vm_lock
+from .model.paths import canonical, is_strictly_within
+from .model.spec import VmSpec
+from .session import Outcome, VmSession, host_ns_fd
+from .sources import resolve_target, spec_for, update_record
+from .target import Target
+
+
+@contextmanager
+def pinned(target: str | int, *, explicit: VmSpec | None = None, lvdir: str | None = None,
+           sdir: str | None = None) -> Iterator[tuple[Target, VmSpec]]:
+    """Resolve, pin (pidfd + start time), refuse the host, lock, and find the spec."""
+    pid, domain = resolve_target(str(target), lvdir=lvdir)
+    with Target.pin(pid, name=domain) as t:
+        spec = spec_for(t, explicit=explicit, domain=domain, lvdir=lvdir, sdir=sdir)
+        if t.name is None and spec.name:
+            t.name = spec.name
+        with vm_lock(t.pid, t.starttime, sdir=sdir):
+            yield t, spec
+
+
+def _run(t: Target, spec: VmSpec, **kw: object) -> Outcome:
+    host = HostState.read()
+    sess = VmSession(t, spec, host, all_hugetlbfs=bool(kw.pop("all_hugetlbfs", False)))
+    hfd = host_ns_fd()
+    try:
+        return call_in_mntns(t.pidfd, _entered, sess, hfd, kw)
+    finally:
+        os.close(hfd)
+
+
+def _entered(sess: VmSession, hfd: int, kw: dict[str, object]) -> Outcome:
+    return sess.work(hfd, **kw)  # type: ignore[arg-type]
+
+
+def inspect(target: str | int, **kw: object) -> Outcome:
+    with pinned(target, **kw) as (t, spec):  # type: ignore[arg-type]
+        return _run(t, spec, dry_run=True, inspect=True)
+
+
+def repair(target: str | int, *, dry_run: bool = False, rebuild_dev: bool = False,
+           **kw: object) -> Outcome:
+    with pinned(target, **kw) as (t, spec):  # type: ignore[arg-type]
+        return _run(t, spec, dry_run=dry_run, rebuild=rebuild_dev)
+
+
+def _check_hotplug_paths(paths: Sequence[str]) -> list[str]:
+    out = []
+    for p in paths:
+        c = canonical(p, what="device path")
+        if not is_strictly_within(c, "/dev"):
+            raise UnsafePathError(f"{p} is not under /dev")
+        out.append(c)
+    return out
+
+
+def device_add(target: str | int, paths: Sequence[str], *, dry_run: bool = False,
+               **kw: object) -> Outcome:
+    """Create nodes (and their symlink chains) inside a running VM and remember them."""
+    clean = _check_hotplug_paths(paths)
+    with pinned(target, **kw) as (t, spec):  # type: ignore[arg-type]
+        only = VmSpec(name=spec.name, domain_id=spec.domain_id, default_devices=(),
+                      source=spec.source).with_devices(clean)
+        out = _run(t, only, dry_run=dry_run, nodes_only=True)
+        if not dry_run and out.status != "failed":
+            update_record(t, spec.with_devices(clean), kw.get("sdir"))  # type: ignore[arg-type]
+        return out
+
+
+def device_remove(target: str | int, paths: Sequence[str], *, dry_run: bool = False,
+                  **kw: object) -> Outcome:
+    """Unlink nodes inside the VM (never on the host, never a default node or a
+    submount's content) and drop them from the record."""
+    clean = _check_hotplug_paths(paths)
+    with pinned(target, **kw) as (t, spec):  # type: ignore[arg-type]
+        host = HostState.read()
+        defaults = {canonical(d) for d in spec.default_devices}
+        subs = [h.path for h in host.submounts]
+        for p in clean:
+            if p in defaults:
+                raise UnsafePathError(f"{p} is a default node; refusing to remove it")
+            if any(is_strictly_within(p, s) or p == s for s in subs):
+                raise UnsafePathError(f"{p} is a mount point or inside a submount; refusing")
+        acts = [RemoveEntry(p, reason="hotplug remove") for p in clean]
+        empty = VmSpec(name=spec.name, domain_id=spec.domain_id, default_devices=(),
+                       source=spec.source)
+        sess = VmSession(t, empty, host)
+        hfd = host_ns_fd()
+        try:
+            out = call_in_mntns(t.pidfd, lambda: sess.work(hfd, dry_run=dry_run,
+                                                           nodes_only=True, extra=acts))
+        finally:
+            os.close(hfd)
+        if not dry_run and out.status != "failed":
+            update_record(t, spec.without_devices(clean), kw.get("sdir"))  # type: ignore[arg-type]
+        return out
+
+
+def run_in(target: str | int, argv: Sequence[str], **kw: object) -> NoReturn:
+    """exec ``argv`` inside the VM's mount namespace (pidfd-pinned; host refused)."""
+    import shutil
+
+    if not argv:
+        raise CommandNotFoundError("no command given")
+    pid, domain = resolve_target(str(target), lvdir=kw.get("lvdir"))  # type: ignore[arg-type]
+    t = Target.pin(pid, name=domain)
+    try:
+        syscalls.setns(t.pidfd, C.CLONE_NEWNS)
+    except OSError as exc:
+        raise from_oserror(exc, f"cannot enter {t.label()}") from None
+    os.chdir("/")
+    exe = shutil.which(argv[0])
+    if exe is None:
+        raise CommandNotFoundError(f"command not found inside the VM namespace: {argv[0]}")
+    sys.stdout.flush()
+    os.execv(exe, list(argv))
+
+
+# ------------------------------------------------------------------- CLI
+def _kw(args: argparse.Namespace) -> dict[str, object]:
+    from .cli import _load_spec
+
+    return {"explicit": _load_spec(args, required=False), "lvdir": args.libvirt_state_dir,
+            "sdir": args.state_dir}
+
+
+def _exit(out: Outcome) -> int:
+    if out.status == "failed":
+        return out.error_code or 2
+    return 1 if out.status == "repaired" else 0
+
+
+def print_outcome(out: Outcome, *, as_json: bool, verb: str) -> None:
+    if as_json:
+        print(json.dumps(out.to_dict(), indent=1, default=str))
+        return
+    who = f"{out.name} (pid {out.pid})" if out.name else f"pid {out.pid}"
+    print(f"{who}: spec from {out.source}")
+    for w in out.warnings:
+        print(f"  warning: {w}")
+    for d in out.drifts:
+        print(f"  drift: {d.describe()}")
+    if out.results:
+        for r in out.results:
+            mark = "ok  " if r.ok else "FAIL"
+            tail = f" ({r.error})" if r.error else (f" ({r.note})" if r.note else "")
+            print(f"  {mark} {r.action.describe()}{tail}")
+    elif out.actions:
+        print(f"  would {verb}:" if out.status == "would-repair" else "  plan:")
+        for a in out.actions:
+            print(f"    - {a.describe()}")
+    if out.error and not out.results:
+        print(f"  error: {out.error}")
+    print(f"  status: {out.status}")
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    out = inspect(args.target, **_kw(args))
+    if args.json:
+        print(json.dumps(out.to_dict(), indent=1, default=str))
+        return 0
+    print(f"{out.name or 'vm'} (pid {out.pid}), spec from {out.source}")
+    print("mounts:")
+    for m in out.extra.get("mounts", []):
+        prop = m["propagation"]
+        if m.get("peer_group"):
+            prop += f" peer:{m['peer_group']}"
+        if m.get("master"):
+            prop += f" master:{m['master']}"
+        print(f"  {m['target']:<32} {m['fstype']:<10} {m['source']:<14} {prop}")
+    print(f"/dev ({out.extra.get('dev_fstype')}):")
+    for e in out.extra.get("dev", []):
+        desc = e.get("target") or f"{e.get('major', '')}{':' if 'major' in e else ''}" \
+            f"{e.get('minor', '')} {e.get('mode', '')} {e.get('uid', '')}:{e.get('gid', '')}"
+        print(f"  {e['path']:<32} {e['kind']:<4} {desc}{'  [mount]' if e.get('mount') else ''}")
+    print("drift:" if out.drifts else "drift: none")
+    for d in out.drifts:
+        print(f"  {d.describe()}")
+    for w in out.warnings:
+        print(f"warning: {w}")
+    return 0
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    out = repair(args.target, dry_run=args.dry_run, rebuild_dev=args.rebuild_dev, **_kw(args))
+    print_outcome(out, as_json=args.json, verb="repair")
+    return _exit(out)
+
+
+def cmd_device_add(args: argparse.Namespace) -> int:
+    out = device_add(args.target, args.paths, dry_run=args.dry_run, **_kw(args))
+    print_outcome(out, as_json=args.json, verb="add")
+    return _exit(out) if out.status == "failed" else 0
+
+
+def cmd_device_remove(args: argparse.Namespace) -> int:
+    out = device_remove(args.target, args.paths, dry_run=args.dry_run, **_kw(args))
+    print_outcome(out, as_json=args.json, verb="remove")
+    return _exit(out) if out.status == "failed" else 0
+
+
+def cmd_run_in(args: argparse.Namespace) -> int:
+    argv = list(args.command)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    run_in(args.target, argv, lvdir=args.libvirt_state_dir)
+
+
+__all__ = ["inspect", "repair", "device_add", "device_remove", "run_in", "NsmountError",
+           "SpecError"]

@@ -1,0 +1,198 @@
+"""One VM, end to end: host facts -> enter -> observe -> plan -> apply -> report.
+
+All namespace work for one VM happens in one worker thread: it enters the VM
+(setns through the pidfd), observes and plans; if the plan needs host-side fds
+(open_tree clones, peer-group handles) it steps back into the host namespace to
+take them and re-enters the VM through the same pidfd to apply.  No fork, no
+per-action process.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .actions import (Action, FixNode, MakeDir, MakeNode, MakeSymlink, RelinkMount,
+                      ReplayMount)
+from .errors import NsmountError, NoSuchProcessError
+from .executor import Executor, Result, RefusedError, prepare_host
+from .hostfacts import Skipped
+from .hoststate import HostState, effective_id, effective_name
+from .kernel import consts as C
+from .kernel import fsops, syscalls
+from .model.spec import VmSpec
+from .observe import dev_listing, observe, planted_symlinks
+from .plan import Desired, Drift, diff, hugepage_dirs_for, plan_rebuild
+from .target import Target
+
+
+@dataclass
+class Outcome:
+    """What happened to one VM."""
+
+    pid: int
+    name: str | None
+    source: str
+    status: str = "ok"  # ok | repaired | failed | would-repair
+    drifts: list[Drift] = field(default_factory=list)
+    actions: list[Action] = field(default_factory=list)
+    results: list[Result] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    error: str = ""
+    error_code: int = 0
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "pid": self.pid, "name": self.name, "source": self.source, "status": self.status,
+            "drift": [x.to_dict() for x in self.drifts],
+            "actions": [a.to_dict() for a in self.actions],
+            "results": [r.to_dict() for r in self.results],
+            "warnings": self.warnings, "seconds": round(self.seconds, 6),
+        }
+        if self.error:
+            d["error"] = self.error
+        d.update(self.extra)
+        return d
+
+
+def host_devs(desired: Desired) -> dict[str, int]:
+    out = {}
+    for h in desired.mounts:
+        try:
+            out[h.path] = os.stat(h.path).st_dev
+        except OSError:
+            pass
+    return out
+
+
+def ensure_host_hugepage_dirs(desired: Desired) -> list[str]:
+    """Create the per-domain dirs on the host side (what libvirt's reconnect wants),
+    symlink-proof from the host root; returns errors."""
+    errs = []
+    root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for mount, path in desired.hugepage_dirs:
+            try:
+                mfd = fsops.open_dir(root, mount.lstrip("/"))
+                try:
+                    if syscalls.fstatfs(mfd)[0] != C.HUGETLBFS_MAGIC:
+                        errs.append(f"{mount} is no longer a hugetlbfs")
+                        continue
+                    rel = path[len(mount):].strip("/")
+                    head, name = fsops.split(rel)
+                    pfd, _ = fsops.ensure_dirs(mfd, head, 0o755)
+                    try:
+                        try:
+                            os.mkdir(name, 0o700, dir_fd=pfd)
+                            fsops.set_attrs(pfd, name, 0o040000, None, 0o700,
+                                            desired.uid, desired.gid)
+                        except FileExistsError:
+                            pass
+                    finally:
+                        os.close(pfd)
+                finally:
+                    os.close(mfd)
+            except OSError as exc:
+                errs.append(f"{path}: {exc.strerror}")
+    finally:
+        os.close(root)
+    return errs
+
+
+class VmSession:
+    def __init__(self, target: Target, spec: VmSpec, host: HostState, *,
+                 all_hugetlbfs: bool = False) -> None:
+        self.target = target
+        self.spec = spec
+        self.host = host
+        desired, skipped = host.desired(spec, pid=target.pid)
+        if all_hugetlbfs or spec.wants_hugepages:
+            desired = replace(desired, hugepage_dirs=hugepage_dirs_for(
+                host.hugetlbfs, effective_id(spec, target.pid), effective_name(spec),
+                spec.hugepages if spec.wants_hugepages and not all_hugetlbfs else (0,)))
+        self.desired = desired
+        self.skipped: list[Skipped] = skipped
+        self.host_devs = host_devs(desired)
+
+    # runs in a worker thread that already did unshare(CLONE_FS)
+    def work(self, host_ns: int, *, dry_run: bool, rebuild: bool = False,
+             nodes_only: bool = False, extra: list[Action] | None = None,
+             inspect: bool = False,
+             with_tree: bool = True) -> Outcome:
+        t0 = time.perf_counter()
+        out = Outcome(self.target.pid, self.spec.name, self.spec.source)
+        out.warnings += [f"skipped {s.request.path}: {s.reason}" for s in self.skipped]
+        try:
+            syscalls.setns(self.target.pidfd, C.CLONE_NEWNS)
+            obs = observe(self.desired, self.host_devs, with_tree=with_tree)
+            drifts, actions = diff(self.desired, obs)
+            if nodes_only:  # hotplug: the spec holds just the new devices
+                actions = [a for a in actions if isinstance(a, _NODE_ACTIONS)]
+                drifts = [d for d in drifts if d.kind in _NODE_DRIFTS]
+            if extra:
+                actions = actions + list(extra)
+            if rebuild:
+                actions = plan_rebuild(self.desired) + [a for a in actions
+                                                        if isinstance(a, RelinkMount)]
+            if obs.dev_fstype != "tmpfs" and not rebuild:
+                out.warnings.append(f"the VM's /dev is not a private tmpfs ({obs.dev_fstype}): "
+                                    "use repair --rebuild-dev to isolate it")
+            if inspect:
+                out.extra["mounts"] = [m.to_dict() for m in obs.tree]
+                out.extra["dev"] = dev_listing()
+                out.extra["dev_fstype"] = obs.dev_fstype
+            for path, tgt in planted_symlinks(out.extra.get("dev") or dev_listing()):
+                out.warnings.append(f"symlink {path} -> {tgt} points outside /dev "
+                                    "(not followed)")
+            out.drifts, out.actions = drifts, actions
+            if dry_run or not actions:
+                out.status = "would-repair" if actions else "ok"
+                return out
+            needs_host = any(isinstance(a, (ReplayMount, RelinkMount)) for a in actions)
+            prep = None
+            if needs_host:
+                syscalls.setns(host_ns, C.CLONE_NEWNS)
+                prep = prepare_host(actions)
+                self.target.check_alive()
+                syscalls.setns(self.target.pidfd, C.CLONE_NEWNS)
+            ex = Executor(prep)
+            try:
+                out.results = ex.apply(actions)
+            finally:
+                ex.close()
+                if prep:
+                    prep.close()
+            failed = [r for r in out.results if not r.ok]
+            out.status = "failed" if failed else "repaired"
+            if failed:
+                out.error = "; ".join(f"{r.action.describe()}: {r.error}" for r in failed)
+                out.error_code = 2
+        except (OSError, NsmountError, RefusedError) as exc:
+            out.status = "failed"
+            if isinstance(exc, OSError) and exc.errno == 3:  # ESRCH
+                exc = NoSuchProcessError(f"pid {self.target.pid} exited during the run")
+            out.error = exc.oneline() if isinstance(exc, NsmountError) else (
+                f"{exc.strerror or exc}" + (f" {exc.filename}" if getattr(exc, "filename", None)
+                                            else "") if isinstance(exc, OSError) else str(exc))
+            out.error_code = getattr(exc, "exit_code", 2)
+            try:
+                self.target.check_alive()
+            except NoSuchProcessError as gone:
+                out.error = gone.oneline()
+                out.error_code = gone.exit_code
+        finally:
+            out.seconds = time.perf_counter() - t0
+        return out
+
+
+_NODE_ACTIONS = (MakeDir, MakeNode, FixNode, MakeSymlink)
+_NODE_DRIFTS = {"missing-node", "missing-symlink", "missing-dir", "wrong-node", "wrong-symlink",
+                "wrong-attrs", "planted", "unsafe-path"}
+
+
+def host_ns_fd() -> int:
+    return os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
