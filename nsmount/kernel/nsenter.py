@@ -65,6 +65,11 @@ class NamespacePool:
 
         return self._pool.submit(job)
 
+    def submit_plain(self, fn: Callable[..., T], *args: Any) -> "cf.Future[T]":
+        """Run ``fn`` in a worker without entering anything first; the worker may be in
+        whatever namespace its previous job left it: ``fn`` must setns itself."""
+        return self._pool.submit(fn, *args)
+
     def map_unordered(self, items: Iterable[tuple[int, Callable[..., Any], tuple[Any, ...]]]
                       ) -> Iterable["cf.Future[Any]"]:
         futs = [self.submit(fd, fn, *args) for fd, fn, args in items]

@@ -125,11 +125,11 @@ class VmSpec:
             hp = data.get("hugepages", ())
             if hp is True:
                 hugepages: tuple[int, ...] = (0,)
-            elif hp is False or hp is None:
+            elif hp is False or hp is None or hp == () or hp == []:
                 hugepages = ()
             elif isinstance(hp, int):
                 hugepages = (hp,)
-            elif isinstance(hp, list) and all(isinstance(x, int) and not isinstance(x, bool)
+            elif isinstance(hp, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool)
                                               and x >= 0 for x in hp):
                 hugepages = tuple(hp)
             else:

@@ -1,0 +1,258 @@
+"""Face 3: reconnect every running VM after a VM-manager daemon restart.
+
+Discovery (nsmount records, libvirt's state dir, a process-table scan), then, per
+VM and in parallel: pin by pidfd, make sure every host hugetlbfs mount (and every
+configured mount) is visible inside with the per-domain hugepage directory, and
+repair the rest of the namespace.  One broken VM never stops the others; every
+VM gets a result line (ok / repaired / failed with the reason).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from .errors import NsmountError, SpecError
+from .hoststate import HostState
+from .kernel import consts as C
+from .kernel import syscalls
+from .kernel.nsenter import NamespacePool
+from .locks import vm_lock
+from .model import record
+from .model.spec import VmSpec
+from .session import Outcome, VmSession, ensure_host_hugepage_dirs, host_ns_fd
+from .sources import libvirt_state_dir, looks_like_qemu, read_pidfile
+from .target import Target, ns_id
+
+
+@dataclass
+class Candidate:
+    """A VM found by discovery, before it is pinned."""
+
+    pid: int
+    origin: str  # record | libvirt | scan
+    name: str | None = None
+    starttime: int | None = None
+    spec: VmSpec | None = None
+    error: str = ""
+
+
+def discover(*, sdir: str | None = None, lvdir: str | None = None,
+             scan: bool = True) -> list[Candidate]:
+    found: dict[int, Candidate] = {}
+    bad: list[Candidate] = []
+    for rec in record.scan(sdir):
+        found.setdefault(rec.pid, Candidate(rec.pid, "record", rec.spec.name, rec.starttime,
+                                            rec.spec))
+    d = libvirt_state_dir(lvdir)
+    try:
+        names = sorted(n[:-4] for n in os.listdir(d) if n.endswith(".pid"))
+    except FileNotFoundError:
+        names = []
+    for name in names:
+        try:
+            pid = read_pidfile(os.path.join(d, f"{name}.pid"))
+        except NsmountError as exc:
+            bad.append(Candidate(-1, "libvirt", name, error=exc.oneline()))
+            continue
+        spec = None
+        err = ""
+        try:
+            from .sources import libvirt_status
+
+            st = libvirt_status(name, lvdir)
+            if st is not None:
+                xpid, spec = st
+                if xpid != pid:
+                    err = f"status XML names pid {xpid} but the pid file says {pid}"
+        except SpecError as exc:
+            err = exc.oneline()
+        if err:
+            bad.append(Candidate(pid, "libvirt", name, error=err))
+            continue
+        if pid in found:
+            if found[pid].name is None:
+                found[pid].name = name
+            continue
+        found[pid] = Candidate(pid, "libvirt", name, spec=spec)
+    if scan:
+        for c in _scan_processes():
+            found.setdefault(c.pid, c)
+    return list(found.values()) + bad
+
+
+def _scan_processes() -> Iterable[Candidate]:
+    """QEMU processes in a mount namespace other than ours (psutil scan)."""
+    import psutil
+
+    me = ns_id("self")
+    for p in psutil.process_iter(["pid", "name"]):
+        name = p.info.get("name") or ""
+        if not (name.startswith("qemu-system-") or name in ("qemu-kvm", "kvm")):
+            continue
+        try:
+            with open(f"/proc/{p.pid}/cmdline", "rb") as fh:
+                if not looks_like_qemu(fh.read()):
+                    continue
+            if ns_id(p.pid) == me:
+                continue
+        except OSError:
+            continue
+        yield Candidate(p.pid, "scan")
+
+
+@dataclass
+class Report:
+    outcomes: list[Outcome] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> dict[str, int]:
+        s = {"total": len(self.outcomes), "ok": 0, "repaired": 0, "failed": 0,
+             "would-repair": 0}
+        for o in self.outcomes:
+            s[o.status] = s.get(o.status, 0) + 1
+        return s
+
+    @property
+    def exit_code(self) -> int:
+        s = self.summary()
+        if s["failed"]:
+            return 2
+        return 1 if s["repaired"] else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"summary": self.summary(), "seconds": round(self.seconds, 4),
+                "vms": [o.to_dict() for o in self.outcomes]}
+
+
+def _failed(c: Candidate, msg: str, code: int = 2) -> Outcome:
+    return Outcome(c.pid, c.name, c.origin, status="failed", error=msg, error_code=code)
+
+
+def reconnect(*, candidates: list[Candidate] | None = None, dry_run: bool = False,
+              jobs: int = 0, sdir: str | None = None, lvdir: str | None = None,
+              scan: bool = True, progress: Callable[[int, int, int], None] | None = None
+              ) -> Report:
+    """Reconnect all (or the given) VMs; returns a per-VM report.  Library entry point
+    for VM-manager daemons."""
+    t0 = time.perf_counter()
+    if candidates is None:
+        candidates = discover(sdir=sdir, lvdir=lvdir, scan=scan)
+    host = HostState.read()
+    rep = Report()
+    sessions: list[tuple[VmSession, Target]] = []
+    for c in candidates:
+        if c.error:
+            rep.outcomes.append(_failed(c, c.error))
+            continue
+        try:
+            t = Target.pin(c.pid, expect_starttime=c.starttime, name=c.name)
+        except NsmountError as exc:
+            rep.outcomes.append(_failed(c, exc.oneline(), exc.exit_code))
+            continue
+        try:
+            spec = c.spec
+            if spec is None:
+                from .sources import spec_for
+
+                spec = spec_for(t, domain=c.name, lvdir=lvdir, sdir=sdir)
+            sess = VmSession(t, spec, host, all_hugetlbfs=True)
+        except NsmountError as exc:
+            t.close()
+            rep.outcomes.append(_failed(c, exc.oneline(), exc.exit_code))
+            continue
+        sessions.append((sess, t))
+    jobs = jobs or min(8, 2 * (os.cpu_count() or 1))
+    hfd = host_ns_fd()
+    done = 0
+    try:
+        with NamespacePool(jobs) as pool:
+            futs = []
+            for sess, t in sessions:
+                if not dry_run:
+                    errs = ensure_host_hugepage_dirs(sess.desired)
+                    sess.skipped_host = errs  # type: ignore[attr-defined]
+                futs.append(pool.submit_plain(_one, sess, hfd, dry_run, sdir))
+            import concurrent.futures as cf
+
+            for f in cf.as_completed(futs):
+                rep.outcomes.append(f.result())
+                done += 1
+                if progress:
+                    progress(done, len(futs), sum(o.status == "failed" for o in rep.outcomes))
+    finally:
+        os.close(hfd)
+        for _, t in sessions:
+            t.close()
+    rep.outcomes.sort(key=lambda o: (o.name or "", o.pid))
+    rep.seconds = time.perf_counter() - t0
+    return rep
+
+
+def _one(sess: VmSession, hfd: int, dry_run: bool, sdir: str | None) -> Outcome:
+    """Runs in a pool worker: back to the host namespace (a reused worker may sit in
+    the previous VM's), take the VM's lock there, then work() enters the VM."""
+    t = sess.target
+    try:
+        syscalls.setns(hfd, C.CLONE_NEWNS)
+        with vm_lock(t.pid, t.starttime, sdir=sdir) as waited:
+            out = sess.work(hfd, dry_run=dry_run)
+            if waited:
+                out.warnings.append("busy, waited for another nsmount")
+    except NsmountError as exc:
+        out = Outcome(t.pid, sess.spec.name, sess.spec.source, status="failed",
+                      error=exc.oneline(), error_code=exc.exit_code)
+    for e in getattr(sess, "skipped_host", []):
+        out.warnings.append(f"host side: {e}")
+    return out
+
+
+def reconnect_one(target: str | int, **kw: Any) -> Report:
+    from .sources import resolve_target
+
+    pid, domain = resolve_target(str(target), lvdir=kw.get("lvdir"))
+    return reconnect(candidates=[Candidate(pid, "target", domain)], **kw)
+
+
+# ------------------------------------------------------------------- CLI
+def _progress_printer() -> Callable[[int, int, int], None] | None:
+    if not sys.stderr.isatty():
+        return None
+
+    def show(done: int, total: int, failed: int) -> None:
+        if total >= 20 and (done == total or done % 10 == 0):
+            sys.stderr.write(f"\rreconnect: {done}/{total} VMs, {failed} failed")
+            if done == total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+    return show
+
+
+def cmd_reconnect(args: argparse.Namespace) -> int:
+    kw: dict[str, Any] = {"dry_run": args.dry_run, "jobs": args.jobs, "sdir": args.state_dir,
+                          "lvdir": args.libvirt_state_dir, "progress": _progress_printer()}
+    if args.target:
+        rep = reconnect_one(args.target, **kw)
+    else:
+        rep = reconnect(scan=not args.no_scan, **kw)
+    if args.json:
+        print(json.dumps(rep.to_dict(), indent=1, default=str))
+    else:
+        for o in rep.outcomes:
+            who = f"{o.name or 'vm'} (pid {o.pid})" if o.pid > 0 else (o.name or "?")
+            what = o.error if o.status == "failed" else (
+                f"{len(o.actions)} action(s)" if o.actions else "nothing to do")
+            print(f"{o.status:<12} {who}: {what}")
+            for w in o.warnings:
+                print(f"{'':12} warning: {w}")
+        s = rep.summary()
+        print(f"{s['total']} VM(s): {s['ok']} ok, {s['repaired']} repaired, "
+              f"{s['would-repair']} would repair, {s['failed']} failed "
+              f"in {rep.seconds:.3f}s")
+    return rep.exit_code
