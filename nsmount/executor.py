@@ -59,6 +59,7 @@ class HostPrep:
     clones: dict[str, int] = field(default_factory=dict)   # ReplayMount path -> clone fd
     handles: dict[str, int] = field(default_factory=dict)  # RelinkMount path -> host mount
     errors: dict[str, str] = field(default_factory=dict)
+    fresh: dict[str, str] = field(default_factory=dict)  # path -> why no clone
 
     def close(self) -> None:
         for fd in list(self.clones.values()) + list(self.handles.values()):
@@ -91,7 +92,13 @@ def prepare_host(actions: Iterable[Action], host_root: str = "/") -> HostPrep:
                 prep.handles[a.path] = syscalls.open_tree(
                     C.AT_FDCWD, a.path, C.OPEN_TREE_CLOEXEC | C.AT_SYMLINK_NOFOLLOW)
         except OSError as exc:
-            prep.errors[getattr(a, "path", a.name)] = f"host side: {exc.strerror}"
+            path = getattr(a, "path", a.name)
+            if isinstance(a, ReplayMount) and a.fstype == "hugetlbfs":
+                # e.g. an unbindable host mount: a fresh hugetlbfs with the same page
+                # size is made inside instead (another superblock, same pages pool)
+                prep.fresh[path] = f"host mount cannot be cloned ({exc.strerror})"
+            else:
+                prep.errors[path] = f"host side: {exc.strerror}"
     return prep
 
 
@@ -333,6 +340,15 @@ class Executor:
         if a.path in self.prep.errors:
             raise RefusedError(self.prep.errors[a.path])
         clone = self.prep.clones.get(a.path)
+        note = None
+        if clone is None and a.path in self.prep.fresh:
+            opts: dict[str, str | None] = {"mode": "755"}
+            if a.pagesize:
+                opts["pagesize"] = str(a.pagesize)
+            clone = syscalls.new_mount("hugetlbfs", opts, C.MOUNT_ATTR_NOSUID
+                                       | C.MOUNT_ATTR_NODEV, source="hugetlbfs")
+            self.prep.clones[a.path] = clone
+            note = f"fresh hugetlbfs mounted: {self.prep.fresh[a.path]}"
         if clone is None:
             raise RefusedError(f"no host mount prepared for {a.path}")
         mp = self._mountpoint(a.path, a.make_mountpoint and is_strictly_within(a.path, "/dev"))
@@ -352,7 +368,7 @@ class Executor:
                                 | C.MOVE_MOUNT_T_EMPTY_PATH)
             self.prep.clones.pop(a.path, None)
             os.close(clone)
-            return None
+            return note
         finally:
             os.close(mp)
 

@@ -50,6 +50,8 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # one sandbox implementation, shared with `nsmount demo`
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
 from nsmount.sandbox import INIT_SCRIPT, SANDBOX_ENV, SETUP_FAILED, UNSHARE_ARGS  # noqa: E402
 
 
