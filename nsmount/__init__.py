@@ -16,9 +16,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import (BusyError, CommandNotFoundError, DeviceMissingError, HostTargetError,
-                     NoRecordError, NoSuchProcessError, NsmountError, PrivilegeError,
-                     SpecError, TargetError, UnsafePathError)
+from .errors import (
+    BusyError,
+    CommandNotFoundError,
+    DeviceMissingError,
+    HostTargetError,
+    NoRecordError,
+    NoSuchProcessError,
+    NsmountError,
+    PrivilegeError,
+    SpecError,
+    TargetError,
+    UnsafePathError,
+)
 from .model.spec import DEFAULT_DEVICES, DeviceRequest, VmSpec
 
 __version__ = "0.1.0"
@@ -73,8 +83,26 @@ def reconnect(**kw: Any) -> Any:
 
 
 __all__ = [
-    "launch", "prepare", "build", "inspect", "repair", "device_add", "device_remove",
-    "reconnect", "VmSpec", "DeviceRequest", "DEFAULT_DEVICES", "NsmountError", "SpecError",
-    "UnsafePathError", "DeviceMissingError", "PrivilegeError", "CommandNotFoundError",
-    "TargetError", "NoSuchProcessError", "HostTargetError", "NoRecordError", "BusyError",
+    "DEFAULT_DEVICES",
+    "BusyError",
+    "CommandNotFoundError",
+    "DeviceMissingError",
+    "DeviceRequest",
+    "HostTargetError",
+    "NoRecordError",
+    "NoSuchProcessError",
+    "NsmountError",
+    "PrivilegeError",
+    "SpecError",
+    "TargetError",
+    "UnsafePathError",
+    "VmSpec",
+    "build",
+    "device_add",
+    "device_remove",
+    "inspect",
+    "launch",
+    "prepare",
+    "reconnect",
+    "repair",
 ]

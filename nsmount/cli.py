@@ -11,7 +11,8 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from .errors import NsmountError, SpecError, from_oserror
 

@@ -22,12 +22,25 @@ import logging
 import os
 import signal
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
-from .actions import (Action, CreateDevTmpfs, FixNode, MakeDir, MakeHugepageDir, MakeNode,
-                      MakeSlave, MakeSymlink, PreserveMount, RelinkMount, RemoveEntry,
-                      ReplayMount, SwapDev, SwitchDev)
+from .actions import (
+    Action,
+    CreateDevTmpfs,
+    FixNode,
+    MakeDir,
+    MakeHugepageDir,
+    MakeNode,
+    MakeSlave,
+    MakeSymlink,
+    PreserveMount,
+    RelinkMount,
+    RemoveEntry,
+    ReplayMount,
+    SwapDev,
+    SwitchDev,
+)
 from .kernel import consts as C
 from .kernel import fsops, syscalls
 from .model.paths import components, is_strictly_within, relative

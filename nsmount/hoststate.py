@@ -33,7 +33,7 @@ class HostState:
     hugetlbfs: tuple[HostMount, ...]
 
     @classmethod
-    def read(cls) -> "HostState":
+    def read(cls) -> HostState:
         tree = MountTree(mountinfo.read("self"))
         dps = default_hugepage_size()
         subs = tuple(HostMount.from_mount(m, dps) for m in dev_submounts(tree))
@@ -51,9 +51,9 @@ class HostState:
         for h in (*self.submounts, *self.hugetlbfs):
             out.setdefault(h.path, h)
         for p in spec.mounts:
-            h = self.mount_at(canonical(p))
-            if h is not None:
-                out.setdefault(h.path, h)
+            extra = self.mount_at(canonical(p))
+            if extra is not None:
+                out.setdefault(extra.path, extra)
         return tuple(out.values())
 
     def desired(self, spec: VmSpec, *, pid: int) -> tuple[Desired, list[Skipped]]:

@@ -18,8 +18,9 @@ import os
 import pickle
 import shutil
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import NoReturn, Sequence
+from typing import NoReturn
 
 from .actions import Action
 from .errors import CommandNotFoundError, NsmountError, PrivilegeError, from_oserror

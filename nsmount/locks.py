@@ -7,8 +7,8 @@ import errno
 import fcntl
 import os
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from .errors import BusyError
 from .model.record import state_dir

@@ -90,7 +90,7 @@ def _observe_mount(root: int, path: str, fstype: str, pagesize: int | None,
         st = os.fstat(fd)
         if host_dev is not None and st.st_dev == host_dev:
             return MountState(path, "present")
-        mid, is_root = fsops.mount_id(fd)
+        _mid, is_root = fsops.mount_id(fd)
         if is_root and path != "/":
             ftype, bsize = syscalls.fstatfs(fd)
             if fstype == "hugetlbfs" and ftype == C.HUGETLBFS_MAGIC and (

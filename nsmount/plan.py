@@ -9,8 +9,20 @@ from __future__ import annotations
 import posixpath
 from dataclasses import dataclass, field
 
-from .actions import (Action, CreateDevTmpfs, FixNode, MakeDir, MakeHugepageDir, MakeNode,
-                      MakeSymlink, PreserveMount, RelinkMount, ReplayMount, SwapDev, SwitchDev)
+from .actions import (
+    Action,
+    CreateDevTmpfs,
+    FixNode,
+    MakeDir,
+    MakeHugepageDir,
+    MakeNode,
+    MakeSymlink,
+    PreserveMount,
+    RelinkMount,
+    ReplayMount,
+    SwapDev,
+    SwitchDev,
+)
 from .model.devnode import Entry
 from .model.hostmounts import HostMount
 from .model.mountinfo import Mount
@@ -210,25 +222,25 @@ def diff(desired: Desired, observed: Observed) -> tuple[list[Drift], list[Action
             acts.append(FixNode(want, reason=dr.describe()))
 
     # 3. mounts the VM must see
-    for h in desired.mounts:
-        st = observed.mounts.get(h.path)
+    for hm in desired.mounts:
+        st = observed.mounts.get(hm.path)
         if st is None or st.state == "present":
             continue
         if st.state == "other":
-            drifts.append(Drift("foreign-mount", h.path, st.detail or
+            drifts.append(Drift("foreign-mount", hm.path, st.detail or
                                 "another mount is visible here; not stacking on it"))
             continue
         kind = "hidden-mount" if st.detail.startswith("hidden") else "missing-mount"
         if st.state == "unsafe":
             kind = "planted"
-        if not h.under_dev and st.state == "missing-mountpoint":
-            drifts.append(Drift(kind, h.path, "mount point missing outside /dev; "
+        if not hm.under_dev and st.state == "missing-mountpoint":
+            drifts.append(Drift(kind, hm.path, "mount point missing outside /dev; "
                                 "nsmount creates mount points only inside the VM's /dev"))
             continue
-        dr = Drift(kind, h.path, st.detail or f"host {h.fstype} not visible in the VM")
+        dr = Drift(kind, hm.path, st.detail or f"host {hm.fstype} not visible in the VM")
         drifts.append(dr)
-        acts.append(ReplayMount(h.path, h.fstype, h.pagesize,
-                                make_mountpoint=h.under_dev, reason=dr.describe()))
+        acts.append(ReplayMount(hm.path, hm.fstype, hm.pagesize,
+                                make_mountpoint=hm.under_dev, reason=dr.describe()))
 
     # 4. per-domain hugepage directories
     for mount, path in desired.hugepage_dirs:

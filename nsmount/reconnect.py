@@ -14,8 +14,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from .errors import NsmountError, SpecError
 from .hoststate import HostState
@@ -173,7 +174,7 @@ def reconnect(*, candidates: list[Candidate] | None = None, dry_run: bool = Fals
     try:
         with NamespacePool(jobs) as pool:
             futs = []
-            for sess, t in sessions:
+            for sess, _t in sessions:
                 if not dry_run:
                     errs = ensure_host_hugepage_dirs(sess.desired)
                     sess.skipped_host = errs  # type: ignore[attr-defined]

@@ -11,12 +11,12 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Iterator, NoReturn, Sequence
+from typing import NoReturn
 
-from .actions import RemoveEntry
-from .errors import (CommandNotFoundError, NsmountError, SpecError, UnsafePathError,
-                     from_oserror)
+from .actions import Action, RemoveEntry
+from .errors import CommandNotFoundError, NsmountError, SpecError, UnsafePathError, from_oserror
 from .hoststate import HostState
 from .kernel import consts as C
 from .kernel import syscalls
@@ -104,7 +104,7 @@ def device_remove(target: str | int, paths: Sequence[str], *, dry_run: bool = Fa
                 raise UnsafePathError(f"{p} is a default node; refusing to remove it")
             if any(is_strictly_within(p, s) or p == s for s in subs):
                 raise UnsafePathError(f"{p} is a mount point or inside a submount; refusing")
-        acts = [RemoveEntry(p, reason="hotplug remove") for p in clean]
+        acts: list[Action] = [RemoveEntry(p, reason="hotplug remove") for p in clean]
         empty = VmSpec(name=spec.name, domain_id=spec.domain_id, default_devices=(),
                        source=spec.source)
         sess = VmSession(t, empty, host)
@@ -229,5 +229,12 @@ def cmd_run_in(args: argparse.Namespace) -> int:
     run_in(args.target, argv, lvdir=args.libvirt_state_dir)
 
 
-__all__ = ["inspect", "repair", "device_add", "device_remove", "run_in", "NsmountError",
-           "SpecError"]
+__all__ = [
+    "NsmountError",
+    "SpecError",
+    "device_add",
+    "device_remove",
+    "inspect",
+    "repair",
+    "run_in",
+]

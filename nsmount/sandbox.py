@@ -16,8 +16,8 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 PKG_PARENT = Path(__file__).resolve().parent.parent
 INIT_SCRIPT = Path(__file__).resolve().parent / "sandbox_init.py"

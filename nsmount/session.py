@@ -14,10 +14,9 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .actions import (Action, FixNode, MakeDir, MakeNode, MakeSymlink, RelinkMount,
-                      ReplayMount)
-from .errors import NsmountError, NoSuchProcessError
-from .executor import Executor, Result, RefusedError, prepare_host
+from .actions import Action, FixNode, MakeDir, MakeNode, MakeSymlink, RelinkMount, ReplayMount
+from .errors import NoSuchProcessError, NsmountError
+from .executor import Executor, RefusedError, Result, prepare_host
 from .hostfacts import Skipped
 from .hoststate import HostState, effective_id, effective_name
 from .kernel import consts as C

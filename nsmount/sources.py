@@ -54,7 +54,7 @@ def libvirt_status(name: str, lvdir: str | None = None) -> tuple[int, VmSpec] | 
 
 def resolve_target(arg: str, *, lvdir: str | None = None) -> tuple[int, str | None]:
     """'1234' / 'pid:1234' -> (1234, None); 'dom' -> (pid from libvirt's pid file, 'dom')."""
-    text = arg[4:] if arg.startswith("pid:") else arg
+    text = arg.removeprefix("pid:")
     if text.isdigit():
         return int(text), None
     if arg.startswith("pid:") or not arg or "/" in arg or arg in (".", ".."):

@@ -42,7 +42,7 @@ class Target:
 
     @classmethod
     def pin(cls, pid: int, *, expect_starttime: int | None = None, name: str | None = None,
-            allow_host: bool = False) -> "Target":
+            allow_host: bool = False) -> Target:
         if pid <= 0:
             raise NoSuchProcessError(f"invalid pid {pid}")
         try:
@@ -97,7 +97,7 @@ class Target:
             os.close(self.pidfd)
             self.pidfd = -1
 
-    def __enter__(self) -> "Target":
+    def __enter__(self) -> Target:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from typing import Iterable
+from collections.abc import Iterable
 
 from . import consts as C
 from . import syscalls

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import threading
-from typing import Any, Callable, Iterable, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 from . import consts as C
 from . import syscalls
@@ -58,27 +59,27 @@ class NamespacePool:
             initializer=syscalls.unshare, initargs=(C.CLONE_FS,),
         )
 
-    def submit(self, ns_fd: int, fn: Callable[..., T], *args: Any) -> "cf.Future[T]":
+    def submit(self, ns_fd: int, fn: Callable[..., T], *args: Any) -> cf.Future[T]:
         def job() -> T:
             _enter(ns_fd)
             return fn(*args)
 
         return self._pool.submit(job)
 
-    def submit_plain(self, fn: Callable[..., T], *args: Any) -> "cf.Future[T]":
+    def submit_plain(self, fn: Callable[..., T], *args: Any) -> cf.Future[T]:
         """Run ``fn`` in a worker without entering anything first; the worker may be in
         whatever namespace its previous job left it: ``fn`` must setns itself."""
         return self._pool.submit(fn, *args)
 
     def map_unordered(self, items: Iterable[tuple[int, Callable[..., Any], tuple[Any, ...]]]
-                      ) -> Iterable["cf.Future[Any]"]:
+                      ) -> Iterable[cf.Future[Any]]:
         futs = [self.submit(fd, fn, *args) for fd, fn, args in items]
         return cf.as_completed(futs)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
 
-    def __enter__(self) -> "NamespacePool":
+    def __enter__(self) -> NamespacePool:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -47,7 +47,7 @@ class Entry:
 
     @classmethod
     def from_stat(cls, path: str, st: os.stat_result, target: str | None = None,
-                  xattrs: tuple[tuple[str, bytes], ...] = ()) -> "Entry":
+                  xattrs: tuple[tuple[str, bytes], ...] = ()) -> Entry:
         kind = kind_of(st.st_mode)
         dev = kind in ("chr", "blk")
         return cls(path=path, kind=kind,

@@ -32,7 +32,7 @@ class HostMount:
     pagesize: int | None = None  # bytes, hugetlbfs only
 
     @classmethod
-    def from_mount(cls, m: Mount, default_pagesize: int | None = None) -> "HostMount":
+    def from_mount(cls, m: Mount, default_pagesize: int | None = None) -> HostMount:
         ps = None
         if m.fstype == "hugetlbfs":
             opt = m.option("pagesize")

@@ -10,8 +10,8 @@ them into a 1024-byte buffer and truncated long paths).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
 
 from ..errors import SpecError
 from .paths import components, is_within
@@ -39,7 +39,7 @@ def escape(path: str) -> str:
     out = []
     for ch in path:
         if ch in " \t\n\\":
-            out.append("\\%03o" % ord(ch))
+            out.append(f"\\{ord(ch):03o}")
         else:
             out.append(ch)
     return "".join(out)
@@ -171,7 +171,7 @@ class MountTree:
                 self.children.setdefault(m.parent_id, []).append(m)
 
     @classmethod
-    def from_text(cls, text: str) -> "MountTree":
+    def from_text(cls, text: str) -> MountTree:
         return cls(parse(text))
 
     def root(self) -> Mount | None:

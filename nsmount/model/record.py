@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 from ..errors import SpecError
 from .spec import VmSpec
@@ -35,7 +36,7 @@ class Record:
                           indent=1, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "Record":
+    def from_json(cls, text: str) -> Record:
         try:
             d: Any = json.loads(text)
             return cls(pid=int(d["pid"]), starttime=int(d["starttime"]),

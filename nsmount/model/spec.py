@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import tomllib
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Iterable
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 from ..errors import SpecError
 from .paths import canonical
@@ -76,12 +77,12 @@ class VmSpec:
                 seen[req.path] = req
         return tuple(seen.values())
 
-    def with_devices(self, paths: Iterable[str], required: bool = True) -> "VmSpec":
+    def with_devices(self, paths: Iterable[str], required: bool = True) -> VmSpec:
         have = {d.path for d in self.devices}
         extra = tuple(DeviceRequest(p, required) for p in paths if canonical(p) not in have)
         return replace(self, devices=self.devices + extra)
 
-    def without_devices(self, paths: Iterable[str]) -> "VmSpec":
+    def without_devices(self, paths: Iterable[str]) -> VmSpec:
         drop = {canonical(p) for p in paths}
         return replace(self, devices=tuple(d for d in self.devices if d.path not in drop))
 
@@ -94,7 +95,7 @@ class VmSpec:
         return d
 
     @classmethod
-    def from_dict(cls, data: Any, *, source: str | None = None) -> "VmSpec":
+    def from_dict(cls, data: Any, *, source: str | None = None) -> VmSpec:
         """Build from a dict (TOML/JSON launcher spec or a launch record).
 
         Accepted keys: name, id/domain_id, uuid, devices (strings or
@@ -129,8 +130,8 @@ class VmSpec:
                 hugepages = ()
             elif isinstance(hp, int):
                 hugepages = (hp,)
-            elif isinstance(hp, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool)
-                                              and x >= 0 for x in hp):
+            elif isinstance(hp, (list, tuple)) and all(
+                    isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in hp):
                 hugepages = tuple(hp)
             else:
                 raise SpecError("spec 'hugepages' must be true/false, a size in KiB or a list")
@@ -153,7 +154,7 @@ class VmSpec:
                    mounts=mounts, uid=uid, gid=gid, source=str(src))
 
     @classmethod
-    def from_text(cls, text: str, *, filename: str = "<spec>") -> "VmSpec":
+    def from_text(cls, text: str, *, filename: str = "<spec>") -> VmSpec:
         """Parse a TOML or JSON launcher spec (JSON when it starts with '{')."""
         stripped = text.lstrip()
         try:
