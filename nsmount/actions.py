@@ -139,14 +139,6 @@ class RelinkMount(Action):
 
 
 @dataclass(frozen=True)
-class MakeSlave(Action):
-    path: str
-
-    def describe(self) -> str:
-        return f"make {self.path} slave"
-
-
-@dataclass(frozen=True)
 class MakeHugepageDir(Action):
     """``<mount>/libvirt/qemu/<id>-<name>``, 0700 for the QEMU user."""
     mount: str
@@ -182,5 +174,5 @@ def _size(n: int) -> str:
 #: every apply step, for the crash-injection tests
 STEPS: tuple[type[Action], ...] = (
     CreateDevTmpfs, MakeDir, MakeNode, FixNode, MakeSymlink, RemoveEntry, PreserveMount,
-    SwitchDev, ReplayMount, RelinkMount, MakeSlave, MakeHugepageDir, SwapDev,
+    SwitchDev, ReplayMount, RelinkMount, MakeHugepageDir, SwapDev,
 )

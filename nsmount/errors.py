@@ -48,7 +48,8 @@ class PrivilegeError(NsmountError):
     """EPERM/EACCES from the kernel: the command needs more privilege."""
 
     exit_code = 6
-    hint = "run as root (needs CAP_SYS_ADMIN, plus CAP_MKNOD to create nodes)"
+    hint = ("run as root: entering a VM needs CAP_SYS_ADMIN + CAP_SYS_CHROOT (setns) and "
+            "CAP_SYS_PTRACE; building /dev needs CAP_MKNOD (see docs/privileges.rst)")
 
 
 class CommandNotFoundError(NsmountError):

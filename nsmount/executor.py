@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import stat
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -32,7 +33,6 @@ from .actions import (
     MakeDir,
     MakeHugepageDir,
     MakeNode,
-    MakeSlave,
     MakeSymlink,
     PreserveMount,
     RelinkMount,
@@ -116,17 +116,26 @@ def prepare_host(actions: Iterable[Action], host_root: str = "/") -> HostPrep:
 
 
 class _Crash:
+    """Counts per process (all executors, all worker threads): ``ReplayMount:50`` in a
+    reconnect of 60 VMs dies after the 50th replay overall."""
+
+    _lock = threading.Lock()
+    _left: dict[str, int] = {}
+
     def __init__(self) -> None:
         spec = os.environ.get("NSMOUNT_CRASH_AFTER", "")
         name, _, n = spec.partition(":")
         self.name = name
-        self.left = int(n) if n.isdigit() else 1
+        with _Crash._lock:
+            _Crash._left.setdefault(spec, int(n) if n.isdigit() else 1)
+        self.spec = spec
 
     def after(self, action: Action) -> None:
         if self.name and action.name == self.name:
-            self.left -= 1
-            if self.left <= 0:
-                os.kill(os.getpid(), signal.SIGKILL)
+            with _Crash._lock:
+                _Crash._left[self.spec] -= 1
+                if _Crash._left[self.spec] <= 0:
+                    os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Executor:
@@ -401,13 +410,6 @@ class Executor:
         finally:
             os.close(tfd)
 
-    def _do_MakeSlave(self, a: MakeSlave) -> None:
-        tfd = fsops.open_dir(self.root, a.path.lstrip("/"))
-        try:
-            syscalls.mount_setattr(tfd, "", C.AT_EMPTY_PATH, propagation=C.MS_SLAVE)
-        finally:
-            os.close(tfd)
-
     def _do_MakeHugepageDir(self, a: MakeHugepageDir) -> None:
         mfd = fsops.open_dir(self.root, a.mount.lstrip("/"))
         try:
@@ -422,7 +424,19 @@ class Executor:
                     os.mkdir(name, 0o700, dir_fd=pfd)
                 except FileExistsError:
                     pass
-                fsops.set_attrs(pfd, name, stat.S_IFDIR, None, 0o700, a.uid, a.gid)
+                try:  # on the hugetlbfs itself: never chmod what a planted mount shows
+                    leaf = syscalls.openat2(pfd, name, os.O_PATH | os.O_DIRECTORY
+                                            | os.O_NOFOLLOW, fsops.SAME_MOUNT)
+                except OSError as exc:
+                    if exc.errno in (errno.EXDEV, errno.ELOOP, errno.ENOTDIR):
+                        raise RefusedError(f"refusing {a.path}: not a directory on the "
+                                           "hugetlbfs (a planted mount or file)") from None
+                    raise
+                try:
+                    syscalls.fchown_empty(leaf, a.uid, a.gid)
+                    os.chmod(f"/proc/thread-self/fd/{leaf}", 0o700)
+                finally:
+                    os.close(leaf)
             finally:
                 os.close(pfd)
         finally:

@@ -11,17 +11,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from .errors import BusyError
-from .model.record import state_dir
+from .model.record import open_subdir
 
 
 @contextmanager
 def vm_lock(pid: int, starttime: int, *, sdir: str | None = None,
             timeout: float = 30.0) -> Iterator[bool]:
     """Hold the VM's lock; yields True when we had to wait for another nsmount."""
-    d = os.path.join(state_dir(sdir), "locks")
-    os.makedirs(d, mode=0o700, exist_ok=True)
-    fd = os.open(os.path.join(d, f"{pid}-{starttime}.lock"),
-                 os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    dfd = open_subdir("locks", sdir)  # never follows a planted symlink
+    try:
+        fd = os.open(f"{pid}-{starttime}.lock",
+                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600, dir_fd=dfd)
+    finally:
+        os.close(dfd)
     waited = False
     try:
         deadline = time.monotonic() + timeout

@@ -47,10 +47,17 @@ def observe(desired: Desired, host_devs: dict[str, int], *, with_tree: bool = Tr
         for h in desired.mounts:
             obs.mounts[h.path] = _observe_mount(root, h.path, h.fstype, h.pagesize,
                                                 host_devs.get(h.path), tree)
-        for _mount, path in desired.hugepage_dirs:
+        for mount, path in desired.hugepage_dirs:
+            # present = a directory on the hugetlbfs itself (not a mount planted over it)
             try:
-                st = fsops.lstat_at(root, path.lstrip("/"))
-                obs.hugepage_dirs[path] = st is not None and stat.S_ISDIR(st.st_mode)
+                mfd = fsops.open_dir(root, mount.lstrip("/"))
+                try:
+                    os.close(syscalls.openat2(mfd, path[len(mount):].strip("/"),
+                                              os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW,
+                                              fsops.SAME_MOUNT))
+                finally:
+                    os.close(mfd)
+                obs.hugepage_dirs[path] = True
             except OSError:
                 obs.hugepage_dirs[path] = False
         return obs

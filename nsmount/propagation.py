@@ -56,4 +56,4 @@ def cmd_propagation(args: argparse.Namespace) -> int:
             verb = "would run" if args.dry_run else "fix with"
             print(f"{verb}: " + "; ".join(f"mount --make-rshared {r['path']}" for r in bad)
                   + ("" if args.fix else "  (or: nsmount propagation --fix)"))
-    return 0 if not bad else 1 if not args.fix else 2
+    return 0 if not bad else 2 if args.fix and not args.dry_run else 1

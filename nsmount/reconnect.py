@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import NsmountError, SpecError
+from .errors import NsmountError, SpecError, from_oserror
 from .hoststate import HostState
 from .kernel import consts as C
 from .kernel import syscalls
@@ -52,7 +52,10 @@ def discover(*, sdir: str | None = None, lvdir: str | None = None,
                                             rec.spec))
     d = libvirt_state_dir(lvdir)
     try:
-        names = sorted(n[:-4] for n in os.listdir(d) if n.endswith(".pid"))
+        entries = set(os.listdir(d))
+        # driver.pid is the QEMU driver's own lock file (libvirtd's pid), not a domain
+        names = sorted(n[:-4] for n in entries if n.endswith(".pid")
+                       and not (n == "driver.pid" and "driver.xml" not in entries))
     except FileNotFoundError:
         names = []
     for name in names:
@@ -208,6 +211,10 @@ def _one(sess: VmSession, hfd: int, dry_run: bool, sdir: str | None) -> Outcome:
     except NsmountError as exc:
         out = Outcome(t.pid, sess.spec.name, sess.spec.source, status="failed",
                       error=exc.oneline(), error_code=exc.exit_code)
+    except OSError as exc:  # e.g. a planted lock file: this VM fails, the others go on
+        err = from_oserror(exc, "lock")
+        out = Outcome(t.pid, sess.spec.name, sess.spec.source, status="failed",
+                      error=err.oneline(), error_code=err.exit_code)
     for e in getattr(sess, "skipped_host", []):
         out.warnings.append(f"host side: {e}")
     return out

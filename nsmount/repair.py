@@ -11,12 +11,19 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import NoReturn
 
 from .actions import Action, RemoveEntry
-from .errors import CommandNotFoundError, NsmountError, SpecError, UnsafePathError, from_oserror
+from .errors import (
+    CommandNotFoundError,
+    NoSuchProcessError,
+    NsmountError,
+    SpecError,
+    UnsafePathError,
+    from_oserror,
+)
 from .hoststate import HostState
 from .kernel import consts as C
 from .kernel import syscalls
@@ -42,12 +49,19 @@ def pinned(target: str | int, *, explicit: VmSpec | None = None, lvdir: str | No
             yield t, spec
 
 
+def _in_vm(t: Target, fn: Callable[..., Outcome], *args: object) -> Outcome:
+    try:
+        return call_in_mntns(t.pidfd, fn, *args)
+    except ProcessLookupError:  # setns through the pidfd of a process that has exited
+        raise NoSuchProcessError(f"pid {t.pid} exited during the run") from None
+
+
 def _run(t: Target, spec: VmSpec, **kw: object) -> Outcome:
     host = HostState.read()
     sess = VmSession(t, spec, host, all_hugetlbfs=bool(kw.pop("all_hugetlbfs", False)))
     hfd = host_ns_fd()
     try:
-        return call_in_mntns(t.pidfd, _entered, sess, hfd, kw)
+        return _in_vm(t, _entered, sess, hfd, kw)
     finally:
         os.close(hfd)
 
@@ -110,8 +124,8 @@ def device_remove(target: str | int, paths: Sequence[str], *, dry_run: bool = Fa
         sess = VmSession(t, empty, host)
         hfd = host_ns_fd()
         try:
-            out = call_in_mntns(t.pidfd, lambda: sess.work(hfd, dry_run=dry_run,
-                                                           nodes_only=True, extra=acts))
+            out = _in_vm(t, lambda: sess.work(hfd, dry_run=dry_run, nodes_only=True,
+                                              extra=acts))
         finally:
             os.close(hfd)
         if not dry_run and out.status != "failed":

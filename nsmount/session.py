@@ -14,7 +14,16 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .actions import Action, FixNode, MakeDir, MakeNode, MakeSymlink, RelinkMount, ReplayMount
+from .actions import (
+    Action,
+    FixNode,
+    MakeDir,
+    MakeNode,
+    MakeSymlink,
+    RelinkMount,
+    RemoveEntry,
+    ReplayMount,
+)
 from .errors import NoSuchProcessError, NsmountError
 from .executor import Executor, RefusedError, Result, prepare_host
 from .hostfacts import Skipped
@@ -116,6 +125,10 @@ class VmSession:
         self.desired = desired
         self.skipped: list[Skipped] = skipped
         self.host_devs = host_devs(desired)
+        try:
+            self.host_dev_fs: int | None = os.stat("/dev").st_dev
+        except OSError:
+            self.host_dev_fs = None
 
     # runs in a worker thread that already did unshare(CLONE_FS)
     def work(self, host_ns: int, *, dry_run: bool, rebuild: bool = False,
@@ -127,7 +140,7 @@ class VmSession:
         out.warnings += [f"skipped {s.request.path}: {s.reason}" for s in self.skipped]
         try:
             syscalls.setns(self.target.pidfd, C.CLONE_NEWNS)
-            obs = observe(self.desired, self.host_devs, with_tree=with_tree)
+            obs = observe(self.desired, self.host_devs, with_tree=with_tree and not nodes_only)
             drifts, actions = diff(self.desired, obs)
             if nodes_only:  # hotplug: the spec holds just the new devices
                 actions = [a for a in actions if isinstance(a, _NODE_ACTIONS)]
@@ -137,7 +150,19 @@ class VmSession:
             if rebuild:
                 actions = plan_rebuild(self.desired) + [a for a in actions
                                                         if isinstance(a, RelinkMount)]
-            if obs.dev_fstype != "tmpfs" and not rebuild:
+            refused: list[Action] = []
+            try:
+                shared_dev = os.stat("/dev").st_dev == self.host_dev_fs
+            except OSError:
+                shared_dev = False
+            if shared_dev and not rebuild:
+                # the VM sees the host's own /dev: a node change would land on the host
+                refused = [a for a in actions if isinstance(a, (*_NODE_ACTIONS, RemoveEntry))]
+                actions = [replace(a, make_mountpoint=False) if isinstance(a, ReplayMount)
+                           else a for a in actions if a not in refused]
+                out.warnings.append("the VM's /dev is the host's /dev (same filesystem): "
+                                    "nsmount will not change it; use repair --rebuild-dev")
+            elif obs.dev_fstype != "tmpfs" and not rebuild:
                 out.warnings.append(f"the VM's /dev is not a private tmpfs ({obs.dev_fstype}): "
                                     "use repair --rebuild-dev to isolate it")
             if inspect:
@@ -148,6 +173,13 @@ class VmSession:
                 out.warnings.append(f"symlink {path} -> {tgt} points outside /dev "
                                     "(not followed)")
             out.drifts, out.actions = drifts, actions
+            if refused:
+                out.status = "failed"
+                out.error = ("refusing to change the host's /dev: "
+                             + "; ".join(a.describe() for a in refused))
+                out.error_code = 2
+                if dry_run or not actions:
+                    return out
             if dry_run or not actions:
                 out.status = "would-repair" if actions else "ok"
                 return out
@@ -166,6 +198,8 @@ class VmSession:
                 if prep:
                     prep.close()
             failed = [r for r in out.results if not r.ok]
+            if refused:
+                return out
             out.status = "failed" if failed else "repaired"
             if failed:
                 out.error = "; ".join(f"{r.action.describe()}: {r.error}" for r in failed)

@@ -73,7 +73,8 @@ class Target:
             raise NoSuchProcessError(f"pid {self.pid} exited") from None
         except PermissionError:
             raise TargetError(f"cannot read /proc/{self.pid}/ns/mnt: permission denied",
-                              hint="run as root") from None
+                              hint="needs CAP_SYS_PTRACE over the target (run as root)"
+                              ) from None
 
     def check_alive(self) -> None:
         """Raise NoSuchProcessError if the pinned process is gone (pidfd is readable

@@ -174,6 +174,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "privileged: needs root; runs inside a private sandbox namespace",
         "qemu: needs qemu-system-x86_64",
         "libvirt: needs the real libvirt daemon (slow)",
+        "slow: takes more than a few seconds",
     ):
         config.addinivalue_line("markers", line)
     if not config.pluginmanager.has_plugin(GUARD_PLUGIN_NAME):

@@ -19,6 +19,8 @@ from . import consts as C
 from . import syscalls
 
 SAFE_RESOLVE = C.RESOLVE_BENEATH | C.RESOLVE_NO_SYMLINKS | C.RESOLVE_NO_MAGICLINKS
+#: ...and never leaving the base's mount (a bind mount planted on the way is refused)
+SAME_MOUNT = SAFE_RESOLVE | C.RESOLVE_NO_XDEV
 _O_PATH_DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW
 
 
@@ -71,8 +73,9 @@ def readlink_at(base: int, rel: str) -> str:
 
 def ensure_dirs(base: int, rel: str, mode: int = 0o755,
                 uid: int | None = None, gid: int | None = None) -> tuple[int, list[str]]:
-    """mkdir -p without following symlinks; returns (O_PATH fd of the leaf dir,
-    components created).  A symlink or non-directory on the way raises OSError."""
+    """mkdir -p, never following symlinks nor crossing into another mount; returns
+    (O_PATH fd of the leaf dir, components created).  A symlink, non-directory or
+    planted mount on the way raises OSError."""
     cur = os.dup(base)
     created: list[str] = []
     done: list[str] = []
@@ -80,14 +83,14 @@ def ensure_dirs(base: int, rel: str, mode: int = 0o755,
         for comp in [c for c in rel.split("/") if c]:
             done.append(comp)
             try:
-                nxt = syscalls.openat2(cur, comp, _O_PATH_DIR, SAFE_RESOLVE)
+                nxt = syscalls.openat2(cur, comp, _O_PATH_DIR, SAME_MOUNT)
             except FileNotFoundError:
                 try:
                     os.mkdir(comp, mode, dir_fd=cur)
                     created.append("/".join(done))
                 except FileExistsError:
                     pass  # raced with someone: reopen and verify below
-                nxt = syscalls.openat2(cur, comp, _O_PATH_DIR, SAFE_RESOLVE)
+                nxt = syscalls.openat2(cur, comp, _O_PATH_DIR, SAME_MOUNT)
                 if created and created[-1] == "/".join(done):
                     os.chmod(_fdpath(nxt), mode)  # umask-proof
                     if uid is not None or gid is not None:
@@ -96,7 +99,7 @@ def ensure_dirs(base: int, rel: str, mode: int = 0o755,
             except OSError as exc:
                 if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EXDEV):
                     raise OSError(exc.errno, os.strerror(exc.errno) +
-                                  " (a symlink or non-directory was planted here)",
+                                  " (a symlink, non-directory or mount was planted here)",
                                   "/".join(done)) from None
                 raise
             os.close(cur)

@@ -24,10 +24,13 @@ class MountinfoError(SpecError):
 
 
 def unescape(field_: str) -> str:
-    """Decode the kernel's octal escapes; bytes above 0x7f are UTF-8 (surrogateescape)."""
-    if "\\" not in field_:
-        return field_
-    raw = _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), field_)
+    """Decode the kernel's octal escapes; bytes above 0x7f are UTF-8 (surrogateescape).
+
+    ``field_`` is kernel bytes decoded as latin-1 (see :func:`read`), so the UTF-8
+    re-decode must happen whether or not the field had an escape (a plain
+    ``/mnt/é`` must not come back as mojibake).
+    """
+    raw = _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), field_) if "\\" in field_ else field_
     try:
         return raw.encode("latin-1").decode("utf-8", "surrogateescape")
     except UnicodeEncodeError:
@@ -97,7 +100,8 @@ class Mount:
 
 
 def _int(text: str, what: str, line: str) -> int:
-    if not text.isdigit():
+    # '²'.isdigit() is True but int('²') fails; int() refuses > 4300 digits
+    if not (text.isascii() and text.isdigit() and len(text) <= 20):
         raise MountinfoError(f"mountinfo: bad {what} {text!r} in line {line!r}")
     return int(text)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import posixpath
 
 from ..errors import UnsafePathError
@@ -27,6 +28,7 @@ def canonical(path: str, *, what: str = "path") -> str:
     return "/" + "/".join(parts)
 
 
+@functools.lru_cache(maxsize=4096)
 def components(path: str) -> tuple[str, ...]:
     return tuple(p for p in path.split("/") if p)
 

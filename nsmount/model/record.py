@@ -7,6 +7,7 @@ repair/reconnect runs read it to know what the VM should have.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Iterator
@@ -50,13 +51,36 @@ def record_path(pid: int, sdir: str | None = None) -> str:
     return os.path.join(state_dir(sdir), "vms", f"{pid}.json")
 
 
+def open_subdir(sub: str, sdir: str | None = None) -> int:
+    """O_PATH fd of ``<state>/<sub>``, created 0700; a symlink there (something planted
+    it) raises OSError(ELOOP) instead of being followed."""
+    d = os.path.join(state_dir(sdir), sub)
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    try:
+        return os.open(d, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except NotADirectoryError:
+        if os.path.islink(d):
+            raise OSError(errno.ELOOP, "a symlink was planted here", d) from None
+        raise
+
+
 def write(rec: Record, sdir: str | None = None) -> str:
     path = record_path(rec.pid, sdir)
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write(rec.to_json())
-    os.replace(tmp, path)
+    dfd = open_subdir("vms", sdir)
+    name = os.path.basename(path)
+    tmp = f"{name}.tmp.{os.getpid()}"
+    try:
+        try:
+            os.unlink(tmp, dir_fd=dfd)  # a stale (or planted) entry is removed, not followed
+        except FileNotFoundError:
+            pass
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=dfd)
+        with open(fd, "w") as fh:
+            fh.write(rec.to_json())
+        os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+    finally:
+        os.close(dfd)
     return path
 
 

@@ -166,8 +166,8 @@ class VmSpec:
             raise SpecError(f"{filename}: malformed spec: {exc}") from None
         try:
             return cls.from_dict(data)
-        except SpecError as exc:
-            raise SpecError(f"{filename}: {exc}") from None
+        except SpecError as exc:  # keep the kind (UnsafePathError: exit 4, not 3)
+            raise type(exc)(f"{filename}: {exc}") from None
 
 
 def _list(data: dict[str, Any], key: str, default: Iterable[Any] = ()) -> list[Any]:
