@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("target", nargs="?", metavar="TARGET")
     sp.add_argument("--dry-run", action="store_true")
     sp.add_argument("--json", action="store_true")
-    sp.add_argument("--jobs", type=int, default=0, help="parallel workers (default: 2x CPUs)")
+    sp.add_argument("--jobs", type=int, default=0, help="worker processes (default: one per CPU)")
     sp.add_argument("--libvirt-state-dir")
     sp.add_argument("--no-scan", action="store_true", help="skip the process-table scan")
     sp.set_defaults(func=_lazy("reconnect", "cmd_reconnect"))

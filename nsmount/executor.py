@@ -115,6 +115,10 @@ def prepare_host(actions: Iterable[Action], host_root: str = "/") -> HostPrep:
     return prep
 
 
+#: pid of the parent when this process is a forked reconnect worker
+WORKER_OF = 0
+
+
 class _Crash:
     """Counts per process (all executors, all worker threads): ``ReplayMount:50`` in a
     reconnect of 60 VMs dies after the 50th replay overall."""
@@ -135,6 +139,8 @@ class _Crash:
             with _Crash._lock:
                 _Crash._left[self.spec] -= 1
                 if _Crash._left[self.spec] <= 0:
+                    if WORKER_OF:  # a forked reconnect worker takes its parent down too
+                        os.kill(WORKER_OF, signal.SIGKILL)
                     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -417,6 +423,8 @@ class Executor:
             if fstype != C.HUGETLBFS_MAGIC:
                 raise RefusedError(f"{a.mount} is not a hugetlbfs in this namespace")
             rel = relative(a.path, a.mount)
+            if fsops.dir_ready(mfd, rel, 0o700, a.uid, a.gid):
+                return
             head, name = fsops.split(rel)
             pfd, _created = fsops.ensure_dirs(mfd, head, 0o755)
             try:

@@ -14,7 +14,7 @@ import os
 import stat
 from dataclasses import dataclass
 
-from .errors import DeviceMissingError, UnsafePathError
+from .errors import DeviceMissingError, NsmountError, UnsafePathError
 from .model.devnode import Entry
 from .model.paths import canonical, components, is_within, join_link
 from .model.spec import DeviceRequest, VmSpec
@@ -103,14 +103,29 @@ def _host(root: str, path: str) -> str:
     return path if root == "/" else root.rstrip("/") + path
 
 
-def resolve_spec(spec: VmSpec, *, root: str = "/") -> tuple[list[Resolved], list[Skipped]]:
+def resolve_spec(spec: VmSpec, *, root: str = "/",
+                 cache: dict[str, tuple[Entry, ...] | OSError | NsmountError] | None = None,
+                 quiet: bool = False) -> tuple[list[Resolved], list[Skipped]]:
     """Resolve every request of a spec.  Required ones that fail raise; optional ones
-    are returned as skipped with the reason (the caller warns)."""
+    are returned as skipped with the reason (the caller warns).  ``cache`` (path ->
+    entries or the error) lets reconnect resolve the default nodes once for all VMs."""
     ok: list[Resolved] = []
     skipped: list[Skipped] = []
     for req in spec.all_device_requests():
         try:
-            ok.append(Resolved(req, resolve(req.path, root=root)))
+            if cache is None:
+                ok.append(Resolved(req, resolve(req.path, root=root)))
+                continue
+            hit = cache.get(req.path)
+            if hit is None:
+                try:
+                    hit = resolve(req.path, root=root)
+                except (OSError, NsmountError) as exc:
+                    hit = exc
+                cache[req.path] = hit
+            if isinstance(hit, BaseException):
+                raise hit
+            ok.append(Resolved(req, hit))
         except FileNotFoundError:
             if req.required:
                 raise DeviceMissingError(f"required device {req.path} does not exist on the host",
@@ -126,6 +141,7 @@ def resolve_spec(spec: VmSpec, *, root: str = "/") -> tuple[list[Resolved], list
             if req.required:
                 raise DeviceMissingError(f"required device {req.path}: {exc.strerror}") from None
             skipped.append(Skipped(req, exc.strerror or str(exc)))
-    for s in skipped:
-        log.warning("skipping optional device %s: %s", s.request.path, s.reason)
+    if not quiet:
+        for s in skipped:
+            log.warning("skipping optional device %s: %s", s.request.path, s.reason)
     return ok, skipped

@@ -4,7 +4,8 @@ the resolved device entries of a spec.  Produces :class:`nsmount.plan.Desired`."
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from .hostfacts import Skipped, resolve_spec
 from .model import mountinfo
@@ -31,6 +32,7 @@ class HostState:
     tree: MountTree
     submounts: tuple[HostMount, ...]   # top-level /dev submounts
     hugetlbfs: tuple[HostMount, ...]
+    _resolved: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def read(cls) -> HostState:
@@ -56,8 +58,12 @@ class HostState:
                 out.setdefault(extra.path, extra)
         return tuple(out.values())
 
-    def desired(self, spec: VmSpec, *, pid: int) -> tuple[Desired, list[Skipped]]:
-        resolved, skipped = resolve_spec(spec)
+    def desired(self, spec: VmSpec, *, pid: int, cached: bool = False
+                ) -> tuple[Desired, list[Skipped]]:
+        """``cached``: reuse host lookups across calls (one reconnect run); the
+        skipped-device warnings then go into each VM's report, not the log."""
+        resolved, skipped = resolve_spec(spec, cache=self._resolved if cached else None,
+                                         quiet=cached)
         entries = flatten_entries([r.entries for r in resolved])
         dirs: tuple[tuple[str, str], ...] = ()
         if spec.wants_hugepages:

@@ -138,64 +138,145 @@ def _failed(c: Candidate, msg: str, code: int = 2) -> Outcome:
     return Outcome(c.pid, c.name, c.origin, status="failed", error=msg, error_code=code)
 
 
+#: below this many VMs per worker a fork costs more than it saves
+MIN_VMS_PER_WORKER = 50
+
+
 def reconnect(*, candidates: list[Candidate] | None = None, dry_run: bool = False,
-              jobs: int = 0, sdir: str | None = None, lvdir: str | None = None,
+              jobs: int = 1, sdir: str | None = None, lvdir: str | None = None,
               scan: bool = True, progress: Callable[[int, int, int], None] | None = None
               ) -> Report:
     """Reconnect all (or the given) VMs; returns a per-VM report.  Library entry point
-    for VM-manager daemons."""
+    for VM-manager daemons.
+
+    ``jobs`` > 1 shards the VMs over that many forked worker processes (Python threads
+    would only contend for the GIL); each worker enters namespaces from one thread of
+    its own.  The library default is 1, in-process, which is safe to call from a
+    multithreaded daemon; the CLI uses one worker per CPU.
+    """
     t0 = time.perf_counter()
     if candidates is None:
         candidates = discover(sdir=sdir, lvdir=lvdir, scan=scan)
     host = HostState.read()
     rep = Report()
-    sessions: list[tuple[VmSession, Target]] = []
+    good = []
     for c in candidates:
         if c.error:
             rep.outcomes.append(_failed(c, c.error))
-            continue
-        try:
-            t = Target.pin(c.pid, expect_starttime=c.starttime, name=c.name)
-        except NsmountError as exc:
-            rep.outcomes.append(_failed(c, exc.oneline(), exc.exit_code))
-            continue
-        try:
-            spec = c.spec
-            if spec is None:
-                from .sources import spec_for
+        else:
+            good.append(c)
+    bulk = len(candidates) > 1
+    workers = max(1, min(jobs or 1, len(good) // MIN_VMS_PER_WORKER or 1))
+    if os.environ.get("NSMOUNT_CRASH_AFTER"):
+        workers = 1  # crash injection counts steps in one process
 
-                spec = spec_for(t, domain=c.name, lvdir=lvdir, sdir=sdir)
-            sess = VmSession(t, spec, host, all_hugetlbfs=True)
-        except NsmountError as exc:
-            t.close()
-            rep.outcomes.append(_failed(c, exc.oneline(), exc.exit_code))
-            continue
-        sessions.append((sess, t))
-    jobs = jobs or min(8, 2 * (os.cpu_count() or 1))
-    hfd = host_ns_fd()
-    done = 0
-    try:
-        with NamespacePool(jobs) as pool:
-            futs = []
-            for sess, _t in sessions:
-                if not dry_run:
-                    errs = ensure_host_hugepage_dirs(sess.desired)
-                    sess.skipped_host = errs  # type: ignore[attr-defined]
-                futs.append(pool.submit_plain(_one, sess, hfd, dry_run, sdir))
-            import concurrent.futures as cf
+    def emit(o: Outcome) -> None:
+        rep.outcomes.append(o)
+        if progress:
+            progress(len(rep.outcomes), len(candidates),
+                     sum(x.status == "failed" for x in rep.outcomes))
 
-            for f in cf.as_completed(futs):
-                rep.outcomes.append(f.result())
-                done += 1
-                if progress:
-                    progress(done, len(futs), sum(o.status == "failed" for o in rep.outcomes))
-    finally:
-        os.close(hfd)
-        for _, t in sessions:
-            t.close()
+    args = (host, dry_run, sdir, lvdir, bulk)
+    if workers == 1:
+        _run_shard(good, *args, emit=emit)
+    else:
+        _run_forked([good[i::workers] for i in range(workers)], args, emit)
     rep.outcomes.sort(key=lambda o: (o.name or "", o.pid))
     rep.seconds = time.perf_counter() - t0
     return rep
+
+
+def _run_shard(cands: list[Candidate], host: HostState, dry_run: bool, sdir: str | None,
+               lvdir: str | None, bulk: bool, *, emit: Callable[[Outcome], None]) -> None:
+    """Reconnect ``cands`` one after the other from one namespace thread."""
+    hfd = host_ns_fd()
+    try:
+        with NamespacePool(1) as pool:
+            for c in cands:
+                emit(_process(c, host, hfd, pool, dry_run, sdir, lvdir, bulk))
+    finally:
+        os.close(hfd)
+
+
+def _process(c: Candidate, host: HostState, hfd: int, pool: NamespacePool, dry_run: bool,
+             sdir: str | None, lvdir: str | None, bulk: bool) -> Outcome:
+    try:
+        t = Target.pin(c.pid, expect_starttime=c.starttime, name=c.name)
+    except NsmountError as exc:
+        return _failed(c, exc.oneline(), exc.exit_code)
+    try:
+        spec = c.spec
+        if spec is None:
+            from .sources import spec_for
+
+            spec = spec_for(t, domain=c.name, lvdir=lvdir, sdir=sdir)
+        sess = VmSession(t, spec, host, all_hugetlbfs=True, bulk=bulk)
+        if not dry_run:
+            sess.skipped_host = ensure_host_hugepage_dirs(sess.desired)  # type: ignore[attr-defined]
+        return pool.submit_plain(_one, sess, hfd, dry_run, sdir).result()
+    except NsmountError as exc:
+        return _failed(c, exc.oneline(), exc.exit_code)
+    finally:
+        t.close()
+
+
+def _run_forked(shards: list[list[Candidate]], args: tuple[Any, ...],
+                emit: Callable[[Outcome], None]) -> None:
+    """One forked worker per shard; outcomes come back pickled, length-prefixed."""
+    import pickle
+    import selectors
+    import struct
+
+    from . import executor
+
+    children: dict[int, int] = {}
+    sel = selectors.DefaultSelector()
+    for shard in shards:
+        r, w = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                os.close(r)
+                executor.WORKER_OF = os.getppid()
+
+                def send(o: Outcome, w: int = w) -> None:
+                    data = pickle.dumps(o)
+                    os.write(w, struct.pack("=I", len(data)))
+                    mv = memoryview(data)
+                    while mv:
+                        mv = mv[os.write(w, mv):]
+
+                _run_shard(shard, *args, emit=send)
+            except BaseException:  # a worker must never return into the caller
+                import traceback
+
+                traceback.print_exc()
+                code = 1
+            finally:
+                os._exit(code)
+        os.close(w)
+        children[r] = pid
+        sel.register(r, selectors.EVENT_READ, bytearray())
+    try:
+        while sel.get_map():
+            for key, _ in sel.select():
+                buf: bytearray = key.data
+                chunk = os.read(key.fd, 1 << 16)
+                if not chunk:
+                    sel.unregister(key.fd)
+                    os.close(key.fd)
+                    continue
+                buf += chunk
+                while len(buf) >= 4:
+                    (n,) = struct.unpack("=I", buf[:4])
+                    if len(buf) < 4 + n:
+                        break
+                    emit(pickle.loads(bytes(buf[4:4 + n])))
+                    del buf[:4 + n]
+    finally:
+        for pid in children.values():
+            os.waitpid(pid, 0)
 
 
 def _one(sess: VmSession, hfd: int, dry_run: bool, sdir: str | None) -> Outcome:
@@ -243,7 +324,8 @@ def _progress_printer() -> Callable[[int, int, int], None] | None:
 
 
 def cmd_reconnect(args: argparse.Namespace) -> int:
-    kw: dict[str, Any] = {"dry_run": args.dry_run, "jobs": args.jobs, "sdir": args.state_dir,
+    kw: dict[str, Any] = {"dry_run": args.dry_run, "jobs": args.jobs or os.cpu_count() or 1,
+                          "sdir": args.state_dir,
                           "lvdir": args.libvirt_state_dir, "progress": _progress_printer()}
     if args.target:
         rep = reconnect_one(args.target, **kw)

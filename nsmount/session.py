@@ -91,6 +91,8 @@ def ensure_host_hugepage_dirs(desired: Desired) -> list[str]:
                         errs.append(f"{mount} is no longer a hugetlbfs")
                         continue
                     rel = path[len(mount):].strip("/")
+                    if fsops.dir_ready(mfd, rel, 0o700, desired.uid, desired.gid):
+                        continue
                     head, name = fsops.split(rel)
                     pfd, _ = fsops.ensure_dirs(mfd, head, 0o755)
                     try:
@@ -113,11 +115,13 @@ def ensure_host_hugepage_dirs(desired: Desired) -> list[str]:
 
 class VmSession:
     def __init__(self, target: Target, spec: VmSpec, host: HostState, *,
-                 all_hugetlbfs: bool = False) -> None:
+                 all_hugetlbfs: bool = False, bulk: bool = False) -> None:
         self.target = target
         self.spec = spec
         self.host = host
-        desired, skipped = host.desired(spec, pid=target.pid)
+        #: one of many VMs (reconnect): share host lookups, skip the /dev scan
+        self.bulk = bulk
+        desired, skipped = host.desired(spec, pid=target.pid, cached=bulk)
         if all_hugetlbfs or spec.wants_hugepages:
             desired = replace(desired, hugepage_dirs=hugepage_dirs_for(
                 host.hugetlbfs, effective_id(spec, target.pid), effective_name(spec),
@@ -169,7 +173,8 @@ class VmSession:
                 out.extra["mounts"] = [m.to_dict() for m in obs.tree]
                 out.extra["dev"] = dev_listing()
                 out.extra["dev_fstype"] = obs.dev_fstype
-            for path, tgt in planted_symlinks(out.extra.get("dev") or dev_listing()):
+            listing = out.extra.get("dev") or ([] if self.bulk else dev_listing())
+            for path, tgt in planted_symlinks(listing):
                 out.warnings.append(f"symlink {path} -> {tgt} points outside /dev "
                                     "(not followed)")
             out.drifts, out.actions = drifts, actions

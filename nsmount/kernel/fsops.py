@@ -200,3 +200,19 @@ def remove_at(pfd: int, name: str) -> bool:
 
 def mount_id(fd: int, rel: str = "") -> tuple[int, bool]:
     return syscalls.statx_mount(fd, rel)
+
+
+def dir_ready(mfd: int, rel: str, mode: int, uid: int, gid: int) -> bool:
+    """True when ``rel`` under the mount ``mfd`` already is a directory on that same
+    mount (no symlink, no mount crossed) with this owner and mode: the fast path that
+    lets reconnect skip the full symlink-proof walk on its second and later runs."""
+    try:
+        fd = syscalls.openat2(mfd, rel.strip("/"), os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW,
+                              SAME_MOUNT)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        return (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (mode, uid, gid)
+    finally:
+        os.close(fd)

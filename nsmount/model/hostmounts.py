@@ -63,16 +63,15 @@ def dev_submounts(tree: MountTree) -> list[Mount]:
     dev = visible_top(tree, "/dev")
     if dev is None:
         return []
-    vis = tree.visible()
     out: dict[str, Mount] = {}
-    for m in vis:
-        if not is_strictly_within(m.mountpoint, "/dev"):
+    for m in tree.visible():
+        parent = tree.by_id.get(m.parent_id)
+        if parent is None or not is_strictly_within(m.mountpoint, "/dev"):
             continue
-        # skip mounts nested below another /dev submount
-        if any(is_strictly_within(m.mountpoint, o.mountpoint) for o in vis
-               if is_strictly_within(o.mountpoint, "/dev") and o.mountpoint != m.mountpoint):
-            continue
-        out[m.mountpoint] = m  # later (stacked) ones win: the visible top
+        # a child of /dev itself, or stacked on such a child at the same path
+        if parent.mount_id == dev.mount_id or (
+                parent.mountpoint == m.mountpoint and m.mountpoint in out):
+            out[m.mountpoint] = m  # later (stacked) ones win: the visible top
     return list(out.values())
 
 

@@ -166,6 +166,7 @@ class MountTree:
     mounts: list[Mount]
     by_id: dict[int, Mount] = field(init=False)
     children: dict[int, list[Mount]] = field(init=False)
+    _visible: list[Mount] | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.by_id = {m.mount_id: m for m in self.mounts}
@@ -204,37 +205,46 @@ class MountTree:
     def visible(self) -> list[Mount]:
         """Mounts reachable from the root without being covered by a later mount.
 
-        A mount is hidden when a mount stacks on its mount point, or on an ancestor
-        directory of it (e.g. hugetlbfs propagated under a VM's old /dev that the
-        VM's new /dev tmpfs covers).
+        A mount is hidden when a later sibling mount sits on its mount point or on an
+        ancestor directory of it (e.g. hugetlbfs propagated under a VM's old /dev that
+        the VM's new /dev tmpfs covers).  "Later" is mountinfo order (mount order):
+        mount ids are recycled and say nothing about age.  Linear in the number of
+        mounts times path depth; computed once per tree.
         """
+        if self._visible is not None:
+            return self._visible
         root = self.root()
-        if root is None:
-            return []
         out: list[Mount] = []
-
-        def walk(m: Mount) -> None:
-            kids = self.children.get(m.mount_id, [])
+        stack = [root] if root is not None else []
+        while stack:
+            m = stack.pop()
             out.append(m)
-            for k in kids:
-                if self._covered(k, kids):
-                    continue
-                walk(k)
-
-        walk(root)
+            later: set[str] = set()
+            keep: list[Mount] = []
+            for k in reversed(self.children.get(m.mount_id, [])):
+                if not _covered_by(k.mountpoint, later):
+                    keep.append(k)
+                later.add(k.mountpoint)
+            stack.extend(keep)  # reversed twice: children are walked in mount order
+        self._visible = out
         return out
-
-    def _covered(self, k: Mount, siblings: list[Mount]) -> bool:
-        # covered by a sibling mounted later (higher id) at or above its mount point
-        for s in siblings:
-            if s is k or s.mount_id < k.mount_id:
-                continue
-            if is_within(k.mountpoint, s.mountpoint):
-                return True
-        return False
 
     def under(self, path: str, mounts: Iterable[Mount] | None = None) -> Iterator[Mount]:
         """Mounts whose mount point is strictly below ``path``."""
         for m in self.mounts if mounts is None else mounts:
             if is_within(m.mountpoint, path) and components(m.mountpoint) != components(path):
                 yield m
+
+
+def _covered_by(path: str, later: set[str]) -> bool:
+    """True when ``path`` or one of its ancestors is in ``later``."""
+    if not later:
+        return False
+    if path in later:
+        return True
+    cur = path
+    while cur not in ("", "/"):
+        cur = cur.rpartition("/")[0] or "/"
+        if cur in later:
+            return True
+    return False
