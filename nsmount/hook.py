@@ -56,10 +56,16 @@ def cmd_hook(args: argparse.Namespace) -> int:
     return run_hook(list(args.hook_args), text)
 
 
+def _pythonpath() -> str:
+    """libvirt runs hooks with a bare environment: point Python at this nsmount."""
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return f"PYTHONPATH={shlex.quote(pkg_parent)}${{PYTHONPATH:+:$PYTHONPATH}}"
+
+
 def hook_script(python: str | None = None) -> str:
     py = shlex.quote(python or sys.executable)
     return (f"#!/bin/sh\n{MARKER}: repairs a domain's mount namespace on reconnect/started\n"
-            f"exec {py} -m nsmount libvirt-hook \"$@\"\n")
+            f"{_pythonpath()} exec {py} -m nsmount libvirt-hook \"$@\"\n")
 
 
 def _legacy_wrapper(chained: str, python: str | None = None) -> str:
@@ -72,7 +78,7 @@ trap 'rm -f "$tmp"' EXIT
 cat > "$tmp"
 rc=0
 if [ -x {c} ]; then {c} "$@" < "$tmp"; rc=$?; fi
-{py} -m nsmount libvirt-hook "$@" < "$tmp"
+{_pythonpath()} {py} -m nsmount libvirt-hook "$@" < "$tmp"
 exit $rc
 """
 
