@@ -51,8 +51,8 @@ regular_file_at_mount_point            file at /dev/hugepages: "removed planted 
                                        file", hugetlbfs replayed once
 bind_of_etc_at_parent_dir              bind of /etc at /dev/vfio, node below needed:  2
                                        refused "not on the VM's /dev tmpfs"
-bind_of_etc_at_mount_point             bind of /etc at /dev/hugepages: repair shows   0/2
-                                       drift foreign-mount (no stacking, exit 0);
+bind_of_etc_at_mount_point             bind of /etc at /dev/hugepages: repair shows   2  
+                                       drift foreign-mount (no stacking, exit 2);
                                        reconnect fails "not a hugetlbfs" (exit 2)
 symlink_at_submount                    /dev/shm -> /etc: planted, replaced by a dir,  1
                                        host /dev/shm replayed once; rerun 0
@@ -485,7 +485,7 @@ invm(vm.pid, "mkdir /dev/hugepages; mount --bind /etc /dev/hugepages")
 g = Guard()
 mount_hugetlbfs("/dev/hugepages")
 rc, o, _ = nsm_json("repair", vm.pid)
-assert rc == 0 and any(d["kind"] == "foreign-mount" for d in o["drift"]), o
+assert rc == 2 and o["status"] == "failed" and any(d["kind"] == "foreign-mount" for d in o["drift"]), o
 rc2, rep, _ = nsm_json("reconnect", vm.pid)
 o2 = rep["vms"][0]
 assert rc2 == 2 and "not a hugetlbfs" in o2["error"], rep

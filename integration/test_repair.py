@@ -194,7 +194,7 @@ def check_damage_cycle(pid, source="record"):
     rc, doc = nsm_json("inspect", pid, rc=0)
     assert doc["source"] == source, doc["source"]
     for d in doc["drift"]:
-        assert set(d) == {"kind", "path", "detail"} and d["detail"], d
+        assert set(d) == {"kind", "path", "detail", "fixable"} and d["detail"], d
     assert {("missing-node", "/dev/null"), ("wrong-attrs", "/dev/zero"),
             ("missing-mount", "/dev/shm"), ("private-mount", "/")} <= kinds(doc), doc["drift"]
     zero = [d for d in doc["drift"] if d["path"] == "/dev/zero"][0]

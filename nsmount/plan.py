@@ -150,12 +150,16 @@ class Drift:
     kind: str  # missing-node, wrong-node, wrong-attrs, missing-mount, private-mount, ...
     path: str
     detail: str
+    #: False when nsmount will not fix it by itself (a foreign mount it won't stack on,
+    #: a mount point it won't create outside /dev): the run then reports failure
+    fixable: bool = True
 
     def describe(self) -> str:
         return f"{self.kind}: {self.path}: {self.detail}"
 
-    def to_dict(self) -> dict[str, str]:
-        return {"kind": self.kind, "path": self.path, "detail": self.detail}
+    def to_dict(self) -> dict[str, object]:
+        return {"kind": self.kind, "path": self.path, "detail": self.detail,
+                "fixable": self.fixable}
 
 
 def _attrs_differ(want: Entry, have: Entry) -> bool:
@@ -228,14 +232,16 @@ def diff(desired: Desired, observed: Observed) -> tuple[list[Drift], list[Action
             continue
         if st.state == "other":
             drifts.append(Drift("foreign-mount", hm.path, st.detail or
-                                "another mount is visible here; not stacking on it"))
+                                "another mount is visible here; not stacking on it",
+                                fixable=False))
             continue
         kind = "hidden-mount" if st.detail.startswith("hidden") else "missing-mount"
         if st.state == "unsafe":
             kind = "planted"
         if not hm.under_dev and st.state == "missing-mountpoint":
             drifts.append(Drift(kind, hm.path, "mount point missing outside /dev; "
-                                "nsmount creates mount points only inside the VM's /dev"))
+                                "nsmount creates mount points only inside the VM's /dev",
+                                fixable=False))
             continue
         dr = Drift(kind, hm.path, st.detail or f"host {hm.fstype} not visible in the VM")
         drifts.append(dr)

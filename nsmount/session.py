@@ -185,8 +185,11 @@ class VmSession:
                 out.error_code = 2
                 if dry_run or not actions:
                     return out
+            unfixable = [d for d in drifts if not d.fixable]
             if dry_run or not actions:
                 out.status = "would-repair" if actions else "ok"
+                if unfixable and not dry_run:
+                    self._unfixed(out, unfixable)
                 return out
             needs_host = any(isinstance(a, (ReplayMount, RelinkMount)) for a in actions)
             prep = None
@@ -209,6 +212,8 @@ class VmSession:
             if failed:
                 out.error = "; ".join(f"{r.action.describe()}: {r.error}" for r in failed)
                 out.error_code = 2
+            if unfixable:
+                self._unfixed(out, unfixable)
         except (OSError, NsmountError, RefusedError) as exc:
             out.status = "failed"
             if isinstance(exc, OSError) and exc.errno == 3:  # ESRCH
@@ -225,6 +230,14 @@ class VmSession:
         finally:
             out.seconds = time.perf_counter() - t0
         return out
+
+
+    @staticmethod
+    def _unfixed(out: Outcome, unfixable: list[Drift]) -> None:
+        out.status = "failed"
+        msg = "not fixed: " + "; ".join(d.describe() for d in unfixable)
+        out.error = f"{out.error}; {msg}" if out.error else msg
+        out.error_code = 2
 
 
 _NODE_ACTIONS = (MakeDir, MakeNode, FixNode, MakeSymlink)
