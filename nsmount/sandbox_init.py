@@ -233,13 +233,44 @@ def run_code(cfg: dict, code: bytes, hugetlbfs: list[str]) -> int:
             return rc if rc >= 0 else 128 - rc
 
 
+_SYS_OPEN_TREE, _SYS_MOVE_MOUNT = 428, 429
+_OPEN_TREE_CLONE, _AT_RECURSIVE, _MOVE_MOUNT_F_EMPTY_PATH = 1, 0x8000, 0x4
+
+
+def keep_visible(paths: list[str]) -> list[tuple[str, int]]:
+    """Clone (detached) each path that lies under a tree the sandbox replaces with a
+    fresh tmpfs, e.g. a checkout in /tmp, so it can be put back afterwards."""
+    kept = []
+    for path in paths:
+        if any(path == t or path.startswith(t + "/") for t in PRIVATE_TREES):
+            fd = _libc.syscall(_SYS_OPEN_TREE, -100, _b(path),
+                               _OPEN_TREE_CLONE | _AT_RECURSIVE | os.O_CLOEXEC)
+            if fd < 0:
+                raise SetupError(f"open_tree({path}): {os.strerror(ctypes.get_errno())}")
+            kept.append((path, fd))
+    return kept
+
+
+def restore_visible(kept: list[tuple[str, int]]) -> None:
+    for path, fd in kept:
+        os.makedirs(path, 0o755, exist_ok=True)
+        if _libc.syscall(_SYS_MOVE_MOUNT, fd, b"", -100, _b(path),
+                         _MOVE_MOUNT_F_EMPTY_PATH) != 0:
+            raise SetupError(f"move_mount(-> {path}): {os.strerror(ctypes.get_errno())}")
+        os.close(fd)
+
+
 def main() -> int:
     cfg = json.loads(sys.argv[1])
     code = sys.stdin.buffer.read()
     try:
         check_isolated(cfg)
+        # the checkout and the interpreter may live under /tmp or /run: keep them
+        kept = keep_visible(sorted({cfg["repo_root"],
+                                    os.path.dirname(os.path.dirname(cfg["python"]))}))
         setup_tmpfs_dirs()
         setup_dev()
+        restore_visible(kept)
         mount(None, "/", None, MS_REC | MS_SHARED)
         hugetlbfs = setup_hugetlbfs(cfg.get("hugetlbfs", []))
     except (SetupError, OSError) as exc:
