@@ -9,7 +9,8 @@ import time
 from textwrap import dedent
 
 import pytest
-from sandbox import REPO_ROOT, (
+from sandbox import (
+    REPO_ROOT,
     SandboxResult,
     privileged,
     run_in_sandbox,
