@@ -417,38 +417,7 @@ class Executor:
             os.close(tfd)
 
     def _do_MakeHugepageDir(self, a: MakeHugepageDir) -> None:
-        mfd = fsops.open_dir(self.root, a.mount.lstrip("/"))
-        try:
-            fstype, _ = syscalls.fstatfs(mfd)
-            if fstype != C.HUGETLBFS_MAGIC:
-                raise RefusedError(f"{a.mount} is not a hugetlbfs in this namespace")
-            rel = relative(a.path, a.mount)
-            if fsops.dir_ready(mfd, rel, 0o700, a.uid, a.gid):
-                return
-            head, name = fsops.split(rel)
-            pfd, _created = fsops.ensure_dirs(mfd, head, 0o755)
-            try:
-                try:
-                    os.mkdir(name, 0o700, dir_fd=pfd)
-                except FileExistsError:
-                    pass
-                try:  # on the hugetlbfs itself: never chmod what a planted mount shows
-                    leaf = syscalls.openat2(pfd, name, os.O_PATH | os.O_DIRECTORY
-                                            | os.O_NOFOLLOW, fsops.SAME_MOUNT)
-                except OSError as exc:
-                    if exc.errno in (errno.EXDEV, errno.ELOOP, errno.ENOTDIR):
-                        raise RefusedError(f"refusing {a.path}: not a directory on the "
-                                           "hugetlbfs (a planted mount or file)") from None
-                    raise
-                try:
-                    syscalls.fchown_empty(leaf, a.uid, a.gid)
-                    os.chmod(f"/proc/thread-self/fd/{leaf}", 0o700)
-                finally:
-                    os.close(leaf)
-            finally:
-                os.close(pfd)
-        finally:
-            os.close(mfd)
+        make_hugepage_dir(self.root, a.mount, a.path, a.uid, a.gid)
 
     def _do_SwapDev(self, a: SwapDev) -> str | None:
         new = syscalls.new_mount("tmpfs", {"mode": "755", "size": "65536"},
@@ -495,3 +464,41 @@ class Executor:
 
 class RefusedError(Exception):
     """An action nsmount will not do because it would be unsafe."""
+
+
+def make_hugepage_dir(root: int, mount: str, path: str, uid: int, gid: int) -> None:
+    """``mkdir -p`` of a per-domain hugepage dir below ``root`` (a namespace's root fd,
+    host or VM): only on the hugetlbfs itself, never across a planted mount or symlink;
+    parents 0755, the dir 0700 owned by the QEMU user."""
+    mfd = fsops.open_dir(root, mount.lstrip("/"))
+    try:
+        fstype, _ = syscalls.fstatfs(mfd)
+        if fstype != C.HUGETLBFS_MAGIC:
+            raise RefusedError(f"{mount} is not a hugetlbfs in this namespace")
+        rel = relative(path, mount)
+        if fsops.dir_ready(mfd, rel, 0o700, uid, gid):
+            return
+        head, name = fsops.split(rel)
+        pfd, _created = fsops.ensure_dirs(mfd, head, 0o755)
+        try:
+            try:
+                os.mkdir(name, 0o700, dir_fd=pfd)
+            except FileExistsError:
+                pass
+            try:  # on the hugetlbfs itself: never chmod what a planted mount shows
+                leaf = syscalls.openat2(pfd, name, os.O_PATH | os.O_DIRECTORY
+                                        | os.O_NOFOLLOW, fsops.SAME_MOUNT)
+            except OSError as exc:
+                if exc.errno in (errno.EXDEV, errno.ELOOP, errno.ENOTDIR):
+                    raise RefusedError(f"refusing {path}: not a directory on the "
+                                       "hugetlbfs (a planted mount or file)") from None
+                raise
+            try:
+                syscalls.fchown_empty(leaf, uid, gid)
+                os.chmod(f"/proc/thread-self/fd/{leaf}", 0o700)
+            finally:
+                os.close(leaf)
+        finally:
+            os.close(pfd)
+    finally:
+        os.close(mfd)

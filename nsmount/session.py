@@ -25,11 +25,11 @@ from .actions import (
     ReplayMount,
 )
 from .errors import NoSuchProcessError, NsmountError
-from .executor import Executor, RefusedError, Result, prepare_host
+from .executor import Executor, RefusedError, Result, make_hugepage_dir, prepare_host
 from .hostfacts import Skipped
 from .hoststate import HostState, effective_id, effective_name
 from .kernel import consts as C
-from .kernel import fsops, syscalls
+from .kernel import syscalls
 from .model.spec import VmSpec
 from .observe import dev_listing, observe, planted_symlinks
 from .plan import Desired, Drift, diff, hugepage_dirs_for, plan_rebuild
@@ -85,29 +85,11 @@ def ensure_host_hugepage_dirs(desired: Desired) -> list[str]:
     try:
         for mount, path in desired.hugepage_dirs:
             try:
-                mfd = fsops.open_dir(root, mount.lstrip("/"))
-                try:
-                    if syscalls.fstatfs(mfd)[0] != C.HUGETLBFS_MAGIC:
-                        errs.append(f"{mount} is no longer a hugetlbfs")
-                        continue
-                    rel = path[len(mount):].strip("/")
-                    if fsops.dir_ready(mfd, rel, 0o700, desired.uid, desired.gid):
-                        continue
-                    head, name = fsops.split(rel)
-                    pfd, _ = fsops.ensure_dirs(mfd, head, 0o755)
-                    try:
-                        try:
-                            os.mkdir(name, 0o700, dir_fd=pfd)
-                            fsops.set_attrs(pfd, name, 0o040000, None, 0o700,
-                                            desired.uid, desired.gid)
-                        except FileExistsError:
-                            pass
-                    finally:
-                        os.close(pfd)
-                finally:
-                    os.close(mfd)
+                make_hugepage_dir(root, mount, path, desired.uid, desired.gid)
             except OSError as exc:
                 errs.append(f"{path}: {exc.strerror}")
+            except RefusedError as exc:
+                errs.append(str(exc))
     finally:
         os.close(root)
     return errs

@@ -52,7 +52,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # one sandbox implementation, shared with `nsmount demo`
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
-from nsmount.sandbox import INIT_SCRIPT, SANDBOX_ENV, SETUP_FAILED, UNSHARE_ARGS  # noqa: E402
+from nsmount.sandbox import SETUP_FAILED, UNSHARE_ARGS  # noqa: E402
+from nsmount.sandbox import command as sandbox_command  # noqa: E402
+from nsmount.sandbox import environment as sandbox_environment  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -134,22 +136,8 @@ def run_in_sandbox(
         raise RuntimeError(f"sandbox unavailable: {reason}")
     if isinstance(hugetlbfs, str):
         raise TypeError("hugetlbfs must be a sequence of paths, not a string")
-    cfg = {
-        "caller_mntns": _mntns_id(),
-        "repo_root": str(REPO_ROOT),
-        "python": sys.executable,
-        "hugetlbfs": list(hugetlbfs),
-    }
-    child_env = dict(os.environ)
-    child_env.update(SANDBOX_ENV)
-    pythonpath = child_env.get("PYTHONPATH")
-    child_env["PYTHONPATH"] = str(REPO_ROOT) + (f":{pythonpath}" if pythonpath else "")
-    if env:
-        child_env.update(env)
-    argv = [
-        shutil.which("unshare") or "unshare", *UNSHARE_ARGS, "--",
-        sys.executable, "-I", "-S", str(INIT_SCRIPT), json.dumps(cfg),
-    ]
+    argv = sandbox_command(hugetlbfs)
+    child_env = sandbox_environment(env)
     start = time.monotonic()
     try:
         proc = subprocess.run(
