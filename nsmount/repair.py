@@ -29,6 +29,7 @@ from .kernel import consts as C
 from .kernel import syscalls
 from .kernel.nsenter import call_in_mntns
 from .locks import vm_lock
+from .model.mountinfo import escape
 from .model.paths import canonical, is_strictly_within
 from .model.spec import VmSpec
 from .session import Outcome, VmSession, host_ns_fd
@@ -204,12 +205,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             prop += f" peer:{m['peer_group']}"
         if m.get("master"):
             prop += f" master:{m['master']}"
-        print(f"  {m['target']:<32} {m['fstype']:<10} {m['source']:<14} {prop}")
+        # escaped as in mountinfo: a name with a newline must not forge a line
+        print(f"  {escape(m['target']):<32} {m['fstype']:<10} {escape(m['source']):<14} {prop}")
     print(f"/dev ({out.extra.get('dev_fstype')}):")
     for e in out.extra.get("dev", []):
         desc = e.get("target") or f"{e.get('major', '')}{':' if 'major' in e else ''}" \
             f"{e.get('minor', '')} {e.get('mode', '')} {e.get('uid', '')}:{e.get('gid', '')}"
-        print(f"  {e['path']:<32} {e['kind']:<4} {desc}{'  [mount]' if e.get('mount') else ''}")
+        mark = "  [mount]" if e.get("mount") else ""
+        print(f"  {escape(str(e['path'])):<32} {e['kind']:<4} {desc}{mark}")
     print("drift:" if out.drifts else "drift: none")
     for d in out.drifts:
         print(f"  {d.describe()}")
