@@ -45,10 +45,7 @@ def _read(path: str) -> str:
         raise SpecError(f"{path} is not UTF-8 text") from None
 
 
-def _print_actions(actions: Sequence[Any], as_json: bool, header: str) -> None:
-    if as_json:
-        print(json.dumps({"actions": [a.to_dict() for a in actions]}, indent=1))
-        return
+def _print_actions(actions: Sequence[Any], header: str) -> None:
     print(header)
     for i, a in enumerate(actions, 1):
         why = f"   # {a.reason}" if a.reason else ""
@@ -75,7 +72,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
         else:
             for s in lp.skipped:
                 print(f"skip {s.request.path}: {s.reason}")
-            _print_actions(lp.actions, False, f"plan for {spec.name or 'vm'} "
+            _print_actions(lp.actions, f"plan for {spec.name or 'vm'} "
                            f"(then exec {' '.join(argv) or '<command>'}):")
         return 0
     launcher.check_privileges()

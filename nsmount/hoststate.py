@@ -3,7 +3,6 @@ the resolved device entries of a spec.  Produces :class:`nsmount.plan.Desired`."
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,7 +80,3 @@ def effective_id(spec: VmSpec, pid: int) -> int:
 
 def effective_name(spec: VmSpec) -> str:
     return spec.name or "vm"
-
-
-def read_pid_env() -> int:
-    return os.getpid()

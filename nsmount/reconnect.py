@@ -213,7 +213,7 @@ def _process(c: Candidate, host: HostState, hfd: int, pool: NamespacePool, dry_r
         sess = VmSession(t, spec, host, all_hugetlbfs=True, bulk=bulk)
         if not dry_run:
             sess.skipped_host = ensure_host_hugepage_dirs(sess.desired)  # type: ignore[attr-defined]
-        return pool.submit_plain(_one, sess, hfd, dry_run, sdir).result()
+        return pool.submit(_one, sess, hfd, dry_run, sdir).result()
     except NsmountError as exc:
         return _failed(c, exc.oneline(), exc.exit_code)
     finally:

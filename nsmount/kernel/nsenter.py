@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from . import consts as C
@@ -47,34 +47,23 @@ def call_in_mntns(ns_fd: int, fn: Callable[..., T], *args: Any, **kwargs: Any) -
 
 
 class NamespacePool:
-    """A pool of workers that may each enter many namespaces in turn.
+    """Worker threads that own their fs_struct (``unshare(CLONE_FS)`` at start), so the
+    jobs given to them may setns into one VM after another.
 
-    One thread per job would cost a thread start per VM; reconnect of 1000 VMs uses
-    ``jobs`` threads that setns from one VM's namespace straight into the next.
+    A job must setns itself (into the host first when it needs host paths): a reused
+    worker is in whatever namespace its previous job left it.  Reconnect runs one such
+    worker per process; parallelism comes from forked processes, not threads (the
+    work is GIL-bound).
     """
 
-    def __init__(self, jobs: int = 4) -> None:
+    def __init__(self, jobs: int = 1) -> None:
         self._pool = cf.ThreadPoolExecutor(
             max_workers=max(1, jobs), thread_name_prefix="nsmount-ns",
             initializer=syscalls.unshare, initargs=(C.CLONE_FS,),
         )
 
-    def submit(self, ns_fd: int, fn: Callable[..., T], *args: Any) -> cf.Future[T]:
-        def job() -> T:
-            _enter(ns_fd)
-            return fn(*args)
-
-        return self._pool.submit(job)
-
-    def submit_plain(self, fn: Callable[..., T], *args: Any) -> cf.Future[T]:
-        """Run ``fn`` in a worker without entering anything first; the worker may be in
-        whatever namespace its previous job left it: ``fn`` must setns itself."""
+    def submit(self, fn: Callable[..., T], *args: Any) -> cf.Future[T]:
         return self._pool.submit(fn, *args)
-
-    def map_unordered(self, items: Iterable[tuple[int, Callable[..., Any], tuple[Any, ...]]]
-                      ) -> Iterable[cf.Future[Any]]:
-        futs = [self.submit(fd, fn, *args) for fd, fn, args in items]
-        return cf.as_completed(futs)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

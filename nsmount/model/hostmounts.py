@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .mountinfo import Mount, MountTree
-from .paths import components, is_strictly_within, is_within
+from .paths import components, is_strictly_within
 
 _SIZE = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -82,12 +82,3 @@ def hugetlbfs_mounts(tree: MountTree, default_pagesize: int | None = None) -> li
             seen[m.mountpoint] = HostMount.from_mount(m, default_pagesize)
     return sorted(seen.values(), key=lambda h: components(h.path))
 
-
-def mount_of(tree: MountTree, path: str) -> Mount | None:
-    """The visible mount containing ``path`` (longest mount point prefix)."""
-    best: Mount | None = None
-    for m in tree.visible():
-        if is_within(path, m.mountpoint):
-            if best is None or len(components(m.mountpoint)) >= len(components(best.mountpoint)):
-                best = m
-    return best

@@ -10,11 +10,9 @@ them into a 1024-byte buffer and truncated long paths).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from ..errors import SpecError
-from .paths import components, is_within
 
 _OCTAL = re.compile(r"\\([0-7]{3})")
 
@@ -198,10 +196,6 @@ class MountTree:
             bottom.extend(c for c in self.children.get(cur.mount_id, ()) if c.mountpoint == path)
         return ordered
 
-    def top_at(self, path: str) -> Mount | None:
-        stack = self.at(path)
-        return stack[-1] if stack else None
-
     def visible(self) -> list[Mount]:
         """Mounts reachable from the root without being covered by a later mount.
 
@@ -229,11 +223,6 @@ class MountTree:
         self._visible = out
         return out
 
-    def under(self, path: str, mounts: Iterable[Mount] | None = None) -> Iterator[Mount]:
-        """Mounts whose mount point is strictly below ``path``."""
-        for m in self.mounts if mounts is None else mounts:
-            if is_within(m.mountpoint, path) and components(m.mountpoint) != components(path):
-                yield m
 
 
 def _covered_by(path: str, later: set[str]) -> bool:
