@@ -3,6 +3,7 @@ the resolved device entries of a spec.  Produces :class:`nsmount.plan.Desired`."
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,7 @@ class HostState:
     submounts: tuple[HostMount, ...]   # top-level /dev submounts
     hugetlbfs: tuple[HostMount, ...]
     _resolved: dict[str, Any] = field(default_factory=dict, repr=False)
+    _st_dev: dict[str, int | None] = field(default_factory=dict, repr=False)
 
     @classmethod
     def read(cls) -> HostState:
@@ -57,17 +59,30 @@ class HostState:
                 out.setdefault(extra.path, extra)
         return tuple(out.values())
 
-    def desired(self, spec: VmSpec, *, pid: int, cached: bool = False
-                ) -> tuple[Desired, list[Skipped]]:
+    def st_dev(self, path: str) -> int | None:
+        """st_dev of a host path, looked up once per HostState (a snapshot, like the
+        mount table it was read with)."""
+        if path not in self._st_dev:
+            try:
+                self._st_dev[path] = os.stat(path).st_dev
+            except OSError:
+                self._st_dev[path] = None
+        return self._st_dev[path]
+
+    def desired(self, spec: VmSpec, *, pid: int, cached: bool = False,
+                all_hugetlbfs: bool = False) -> tuple[Desired, list[Skipped]]:
         """``cached``: reuse host lookups across calls (one reconnect run); the
-        skipped-device warnings then go into each VM's report, not the log."""
+        skipped-device warnings then go into each VM's report, not the log.
+        ``all_hugetlbfs``: a per-domain dir in every hugetlbfs mount (reconnect),
+        not only in those of the page sizes the spec asks for."""
         resolved, skipped = resolve_spec(spec, cache=self._resolved if cached else None,
                                          quiet=cached)
         entries = flatten_entries([r.entries for r in resolved])
         dirs: tuple[tuple[str, str], ...] = ()
-        if spec.wants_hugepages:
+        if all_hugetlbfs or spec.wants_hugepages:
             dirs = hugepage_dirs_for(self.hugetlbfs, effective_id(spec, pid),
-                                     effective_name(spec), spec.hugepages)
+                                     effective_name(spec),
+                                     (0,) if all_hugetlbfs else spec.hugepages)
         return Desired(entries=entries, mounts=self.vm_mounts(spec), hugepage_dirs=dirs,
                        uid=spec.uid, gid=spec.gid,
                        host_mounts=tuple(self.tree.visible())), skipped

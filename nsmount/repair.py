@@ -57,9 +57,10 @@ def _in_vm(t: Target, fn: Callable[..., Outcome], *args: object) -> Outcome:
         raise NoSuchProcessError(f"pid {t.pid} exited during the run") from None
 
 
-def _run(t: Target, spec: VmSpec, **kw: object) -> Outcome:
-    host = HostState.read()
-    sess = VmSession(t, spec, host, all_hugetlbfs=bool(kw.pop("all_hugetlbfs", False)))
+def _run(t: Target, spec: VmSpec, host: HostState | None = None, **kw: object) -> Outcome:
+    """Enter the VM once and let a session observe, plan and apply (``kw`` goes to
+    :meth:`VmSession.work`)."""
+    sess = VmSession(t, spec, host or HostState.read())
     hfd = host_ns_fd()
     try:
         return _in_vm(t, _entered, sess, hfd, kw)
@@ -122,13 +123,7 @@ def device_remove(target: str | int, paths: Sequence[str], *, dry_run: bool = Fa
         acts: list[Action] = [RemoveEntry(p, reason="hotplug remove") for p in clean]
         empty = VmSpec(name=spec.name, domain_id=spec.domain_id, default_devices=(),
                        source=spec.source)
-        sess = VmSession(t, empty, host)
-        hfd = host_ns_fd()
-        try:
-            out = _in_vm(t, lambda: sess.work(hfd, dry_run=dry_run, nodes_only=True,
-                                              extra=acts))
-        finally:
-            os.close(hfd)
+        out = _run(t, empty, host, dry_run=dry_run, nodes_only=True, extra=acts)
         if not dry_run and out.status != "failed":
             update_record(t, spec.without_devices(clean), kw.get("sdir"))  # type: ignore[arg-type]
         return out

@@ -26,13 +26,12 @@ from .actions import (
 )
 from .errors import NoSuchProcessError, NsmountError
 from .executor import Executor, RefusedError, Result, make_hugepage_dir, prepare_host
-from .hostfacts import Skipped
-from .hoststate import HostState, effective_id, effective_name
+from .hoststate import HostState
 from .kernel import consts as C
 from .kernel import syscalls
 from .model.spec import VmSpec
 from .observe import dev_listing, observe, planted_symlinks
-from .plan import Desired, Drift, diff, hugepage_dirs_for, plan_rebuild
+from .plan import Desired, Drift, diff, plan_rebuild
 from .target import Target
 
 
@@ -67,16 +66,6 @@ class Outcome:
         return d
 
 
-def host_devs(desired: Desired) -> dict[str, int]:
-    out = {}
-    for h in desired.mounts:
-        try:
-            out[h.path] = os.stat(h.path).st_dev
-        except OSError:
-            pass
-    return out
-
-
 def ensure_host_hugepage_dirs(desired: Desired) -> list[str]:
     """Create the per-domain dirs on the host side (what libvirt's reconnect wants),
     symlink-proof from the host root; returns errors."""
@@ -103,18 +92,11 @@ class VmSession:
         self.host = host
         #: one of many VMs (reconnect): share host lookups, skip the /dev scan
         self.bulk = bulk
-        desired, skipped = host.desired(spec, pid=target.pid, cached=bulk)
-        if all_hugetlbfs or spec.wants_hugepages:
-            desired = replace(desired, hugepage_dirs=hugepage_dirs_for(
-                host.hugetlbfs, effective_id(spec, target.pid), effective_name(spec),
-                spec.hugepages if spec.wants_hugepages and not all_hugetlbfs else (0,)))
-        self.desired = desired
-        self.skipped: list[Skipped] = skipped
-        self.host_devs = host_devs(desired)
-        try:
-            self.host_dev_fs: int | None = os.stat("/dev").st_dev
-        except OSError:
-            self.host_dev_fs = None
+        self.desired, self.skipped = host.desired(spec, pid=target.pid, cached=bulk,
+                                                  all_hugetlbfs=all_hugetlbfs)
+        self.host_devs = {h.path: dev for h in self.desired.mounts
+                          if (dev := host.st_dev(h.path)) is not None}
+        self.host_dev_fs = host.st_dev("/dev")
 
     # runs in a worker thread that already did unshare(CLONE_FS)
     def work(self, host_ns: int, *, dry_run: bool, rebuild: bool = False,
@@ -212,7 +194,6 @@ class VmSession:
         finally:
             out.seconds = time.perf_counter() - t0
         return out
-
 
     @staticmethod
     def _unfixed(out: Outcome, unfixable: list[Drift]) -> None:
