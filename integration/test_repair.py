@@ -57,36 +57,7 @@ import hashlib, json, os, signal, stat, subprocess, sys, time
 
 PY = sys.executable
 sys.path.insert(0, os.path.join(os.environ["PYTHONPATH"].split(":")[0], "integration"))
-
-
-def sh(cmd, check=True, **kw):
-    r = subprocess.run(cmd, shell=isinstance(cmd, str), capture_output=True, text=True, **kw)
-    if check and r.returncode != 0:
-        raise AssertionError(f"{cmd!r} failed {r.returncode}: {r.stdout} {r.stderr}")
-    return r
-
-
-def write_spec(path, **kw):
-    with open(path, "w") as fh:
-        fh.write("".join(f"{k} = {json.dumps(v)}\n" for k, v in kw.items()))
-    return path
-
-
-def wait_for(pred, what, timeout=20):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def comm(pid):
-    try:
-        with open(f"/proc/{pid}/comm") as fh:
-            return fh.read().strip()
-    except FileNotFoundError:
-        return None
+from vmhelpers import comm, nsm, one_line_error, sh, stop, wait_for, write_spec
 
 
 def start_vm(argv=("sleep", "1000"), name="x", id=3, devices=("/dev/loop0",),
@@ -107,35 +78,11 @@ def start_vm(argv=("sleep", "1000"), name="x", id=3, devices=("/dev/loop0",),
     return p
 
 
-def stop(p):
-    if p.poll() is None:
-        p.kill()
-    p.wait()
-
-
-def nsm(*args, env=None, timeout=60):
-    e = dict(os.environ)
-    e.update(env or {})
-    return subprocess.run([PY, "-m", "nsmount", *map(str, args)], capture_output=True,
-                          text=True, env=e, timeout=timeout)
-
-
 def nsm_json(*args, rc=None, **kw):
     r = nsm(*args, "--json", **kw)
     if rc is not None:
         assert r.returncode == rc, f"{args}: rc {r.returncode} != {rc}\n{r.stdout}{r.stderr}"
     return r.returncode, json.loads(r.stdout)
-
-
-def one_line_error(r, code, *words):
-    """rc == code, stderr is one 'nsmount: error:' line, no traceback, words in it."""
-    err = r.stderr.strip()
-    assert r.returncode == code, f"rc {r.returncode} != {code}: {r.stdout!r} {err!r}"
-    assert "Traceback" not in r.stderr and "Traceback" not in r.stdout, r.stderr
-    assert err.startswith("nsmount: error:") and "\n" not in err, repr(err)
-    for w in words:
-        assert w in err, f"{w!r} not in {err!r}"
-    return err
 
 
 def tree(root):
