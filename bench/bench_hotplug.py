@@ -35,18 +35,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
-RESULTS = BENCH_DIR / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import RESULTS, header, run_sandbox_main, write_result
+from benchlib import stats as sample_stats
 
 HUGETLBFS = "/dev/hugepages"
 SPEC_TOML = """\
@@ -65,13 +63,6 @@ TARGET_BATCH_RATIO = 5.0
 
 
 # =================================================================== sandbox side
-def _stats(xs: list[float]) -> dict[str, float]:
-    s = sorted(xs)
-    p90 = statistics.quantiles(s, n=10, method="inclusive")[8] if len(s) > 1 else s[0]
-    return {"median": statistics.median(s), "p90": p90, "min": s[0], "max": s[-1],
-            "mean": statistics.fmean(s), "n": len(s)}
-
-
 def _timed(argv: list[str]) -> float:
     t0 = time.perf_counter()
     proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -323,22 +314,16 @@ def host_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=str(RESULTS / "hotplug.json"), help="output JSON path")
     args = ap.parse_args(argv)
 
-    sys.path.insert(0, str(REPO_ROOT / "tests"))
-    from sandbox import run_in_sandbox
-
     cfg = {"n": args.n, "warmup": args.warmup, "profile": args.profile,
            "profile_runs": args.profile_runs}
-    code = (f"import sys\nsys.path.insert(0, {str(BENCH_DIR)!r})\n"
-            f"import bench_hotplug\nbench_hotplug.sandbox_main({cfg!r})\n")
     timeout = 120 + (args.n + args.warmup) * 5 + args.profile_runs * 0.1
-    res = run_in_sandbox(code, hugetlbfs=[HUGETLBFS], timeout=timeout)
-    data = res.json()
-    stats = {k: _stats(v) for k, v in data["samples"].items()}
+    data, elapsed = run_sandbox_main("bench_hotplug", cfg, hugetlbfs=[HUGETLBFS],
+                                     timeout=timeout)
+    stats = {k: sample_stats(v) for k, v in data["samples"].items()}
     ratios = {f"{cmp}/{key}": stats[cmp]["median"] / stats[key]["median"]
               for key, _, _, cmp in ROWS if cmp}
 
-    print(f"nsmount hotplug bench: n={args.n} warmup={args.warmup}, {os.cpu_count()} CPUs, "
-          f"kernel {platform.release()}, Python {platform.python_version()}")
+    print(header("hotplug", n=args.n, warmup=args.warmup))
     print(_table(stats))
     print(f"\nrepair plan: {data['validation']['repair_actions']}")
     if data["profile"]:
@@ -346,23 +331,15 @@ def host_main(argv: list[str] | None = None) -> int:
             print(f"\ncProfile of {k} ({prof['runs']} calls, by tottime):")
             print(prof["tottime"])
 
-    out = {
-        "bench": "hotplug",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
-                    "python": platform.python_version(), "machine": platform.machine()},
+    write_result(args.json, "hotplug", {
         "n": args.n, "warmup": args.warmup,
         "targets": {"lib1_ms": TARGET_LIB1_MS, "nsenter10_over_lib10": TARGET_BATCH_RATIO},
         "met": {"lib1": stats["lib1"]["median"] <= TARGET_LIB1_MS,
                 "batch_ratio": ratios["nsenter10/lib10"] >= TARGET_BATCH_RATIO},
         "stats_ms": stats, "ratios": ratios, "samples_ms": data["samples"],
         "validation": data["validation"], "profile": data["profile"],
-        "sandbox_elapsed_s": res.elapsed,
-    }
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"\nwrote {path}")
+        "sandbox_elapsed_s": elapsed,
+    })
     return 0
 
 

@@ -37,19 +37,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, UTC
 from pathlib import Path
 from typing import Any
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
-RESULTS = BENCH_DIR / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import RESULTS, header, run_sandbox_main, write_result
+from benchlib import stats as sample_stats
 
 HUGETLBFS = "/dev/hugepages"
 SPEC_TOML = """\
@@ -75,13 +73,6 @@ awk '$5 ~ "^/dev" {for (i = 7; i <= NF; i++) if ($i == "-") {print $5, $(i + 1);
 
 
 # =================================================================== sandbox side
-def _stats(xs: list[float]) -> dict[str, float]:
-    s = sorted(xs)
-    p90 = statistics.quantiles(s, n=10, method="inclusive")[8] if len(s) > 1 else s[0]
-    return {"median": statistics.median(s), "p90": p90, "min": s[0], "max": s[-1],
-            "mean": statistics.fmean(s), "n": len(s)}
-
-
 def _baseline_script(lp: Any, final: str) -> str:
     """The shell equivalent of the launch plan ``lp`` (nodes taken from the plan)."""
     from nsmount.actions import MakeHugepageDir, MakeNode
@@ -335,24 +326,17 @@ def host_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=str(RESULTS / "launch.json"), help="output JSON path")
     args = ap.parse_args(argv)
 
-    sys.path.insert(0, str(REPO_ROOT / "tests"))
-    from sandbox import run_in_sandbox
-
     cfg = {"n": args.n, "warmup": args.warmup, "profile": args.profile,
            "profile_runs": args.profile_runs, "extra_mounts": args.extra_mounts}
-    code = (f"import sys\nsys.path.insert(0, {str(BENCH_DIR)!r})\n"
-            f"import bench_launch\nbench_launch.sandbox_main({cfg!r})\n")
     timeout = 120 + args.n * 5 + args.profile_runs
-    res = run_in_sandbox(code, hugetlbfs=[HUGETLBFS], timeout=timeout)
-    data = res.json()
-    stats = {k: _stats(v) for k, v in data["samples"].items()}
+    data, elapsed = run_sandbox_main("bench_launch", cfg, hugetlbfs=[HUGETLBFS],
+                                     timeout=timeout)
+    stats = {k: sample_stats(v) for k, v in data["samples"].items()}
     base = stats["baseline"]["median"]
     ratios = {k: base / stats[k]["median"] for k, _, _, cmp in ROWS if cmp}
 
     table = _table(stats)
-    print(f"nsmount launch bench: n={args.n} warmup={args.warmup} "
-          f"extra_mounts={args.extra_mounts}, "
-          f"{os.cpu_count()} CPUs, kernel {platform.release()}, Python {platform.python_version()}")
+    print(header("launch", n=args.n, warmup=args.warmup, extra_mounts=args.extra_mounts))
     print(table)
     v = data["validation"]
     print(f"\nbaseline produces the same /dev as nsmount: {v['equivalent']}")
@@ -362,22 +346,14 @@ def host_main(argv: list[str] | None = None) -> int:
         print(f"\ncProfile of prepare+build ({data['profile']['runs']} runs, by tottime):")
         print(data["profile"]["tottime"])
 
-    out = {
-        "bench": "launch",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
-                    "python": platform.python_version(), "machine": platform.machine()},
+    write_result(args.json, "launch", {
         "n": args.n, "warmup": args.warmup, "extra_mounts": args.extra_mounts,
         "targets_ms": {"inproc_total": TARGET_INPROC_MS, "cli": TARGET_CLI_MS},
         "stats_ms": stats, "ratios_baseline_over": ratios,
         "samples_ms": data["samples"], "validation": v,
         "baseline_script": data["baseline_script"], "plan": data["plan"],
-        "profile": data["profile"], "sandbox_elapsed_s": res.elapsed,
-    }
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"\nwrote {path}")
+        "profile": data["profile"], "sandbox_elapsed_s": elapsed,
+    })
     return 0
 
 

@@ -1,0 +1,58 @@
+"""What the benches share: statistics, running a bench's ``sandbox_main`` inside a
+private sandbox host, the machine description, and writing the result file."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+RESULTS = BENCH_DIR / "results"
+
+
+def stats(xs: list[float]) -> dict[str, float]:
+    s = sorted(xs)
+    p90 = statistics.quantiles(s, n=10, method="inclusive")[8] if len(s) > 1 else s[0]
+    return {"median": statistics.median(s), "p90": p90, "min": s[0], "max": s[-1],
+            "mean": statistics.fmean(s), "n": len(s)}
+
+
+def run_sandbox_main(module: str, cfg: dict[str, Any], *, hugetlbfs: list[str],
+                     timeout: float) -> tuple[Any, float]:
+    """Run ``bench/<module>.py``'s ``sandbox_main(cfg)`` as the host of a fresh sandbox;
+    returns (its JSON result, elapsed seconds)."""
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+    from sandbox import run_in_sandbox
+
+    code = (f"import sys\nsys.path.insert(0, {str(BENCH_DIR)!r})\n"
+            f"import {module}\n{module}.sandbox_main({cfg!r})\n")
+    res = run_in_sandbox(code, hugetlbfs=hugetlbfs, timeout=timeout)
+    return res.json(), res.elapsed
+
+
+def machine() -> dict[str, Any]:
+    return {"cpus": os.cpu_count(), "kernel": platform.release(),
+            "python": platform.python_version(), "machine": platform.machine()}
+
+
+def header(bench: str, **params: object) -> str:
+    shown = " ".join(f"{k}={v}" for k, v in params.items())
+    return (f"nsmount {bench} bench: {shown}, {os.cpu_count()} CPUs, "
+            f"kernel {platform.release()}, Python {platform.python_version()}")
+
+
+def write_result(path: str, bench: str, body: dict[str, Any]) -> Path:
+    out = {"bench": bench, "date": datetime.now(UTC).isoformat(timespec="seconds"),
+           "machine": machine(), **body}
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"\nwrote {p}")
+    return p
