@@ -126,6 +126,9 @@ def launch(spec: VmSpec, argv: Sequence[str], *, state_dir: str | None = None,
     launcher sees failures synchronously, like ``subprocess`` does.
     """
     exe = _which(argv)
+    # read the host once: the child plans again (its pid names the hugepage dir) from
+    # the same snapshot, which the fork hands it for free
+    host = host or HostState.read()
     lp = prepare(spec, pid=0, host=host)  # plan on the host: errors before forking
     r, w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
