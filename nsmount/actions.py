@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from .model.devnode import Entry
+from .model.display import escape_name as _e
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class MakeDir(Action):
     gid: int = 0
 
     def describe(self) -> str:
-        return f"mkdir {self.path} ({self.mode:04o} {self.uid}:{self.gid})"
+        return f"mkdir {_e(self.path)} ({self.mode:04o} {self.uid}:{self.gid})"
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ class MakeNode(Action):
 
     def describe(self) -> str:
         verb = "replace" if self.replace else "mknod"
-        return f"{verb} {self.entry.path} {self.entry.describe()}"
+        return f"{verb} {_e(self.entry.path)} {self.entry.describe()}"
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ class FixNode(Action):
 
     def describe(self) -> str:
         e = self.entry
-        return f"chown/chmod {e.path} to {e.mode:04o} {e.uid}:{e.gid}"
+        return f"chown/chmod {_e(e.path)} to {e.mode:04o} {e.uid}:{e.gid}"
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ class MakeSymlink(Action):
     replace: bool = False
 
     def describe(self) -> str:
-        return f"symlink {self.path} -> {self.target}"
+        return f"symlink {_e(self.path)} -> {_e(self.target)}"
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ class RemoveEntry(Action):
     path: str
 
     def describe(self) -> str:
-        return f"remove {self.path}"
+        return f"remove {_e(self.path)}"
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ class PreserveMount(Action):
     path: str
 
     def describe(self) -> str:
-        return f"preserve submount {self.path}"
+        return f"preserve submount {_e(self.path)}"
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ class SwitchDev(Action):
     preserved: tuple[str, ...] = ()
 
     def describe(self) -> str:
-        extra = f", keep {' '.join(self.preserved)}" if self.preserved else ""
+        extra = f", keep {' '.join(map(_e, self.preserved))}" if self.preserved else ""
         return f"switch /dev to the new tmpfs{extra}"
 
 
@@ -125,7 +126,7 @@ class ReplayMount(Action):
 
     def describe(self) -> str:
         ps = f" pagesize={_size(self.pagesize)}" if self.pagesize else ""
-        return f"mount host {self.fstype} at {self.path}{ps} (clone, slave)"
+        return f"mount host {_e(self.fstype)} at {_e(self.path)}{ps} (clone, slave)"
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,7 @@ class RelinkMount(Action):
     path: str
 
     def describe(self) -> str:
-        return f"re-link {self.path} as slave of the host mount"
+        return f"re-link {_e(self.path)} as slave of the host mount"
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,7 @@ class MakeHugepageDir(Action):
 
     def describe(self) -> str:
         side = "host" if self.host else "vm"
-        return f"mkdir -p {self.path} (0700 {self.uid}:{self.gid}, {side} side)"
+        return f"mkdir -p {_e(self.path)} (0700 {self.uid}:{self.gid}, {side} side)"
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,8 @@ class SwapDev(Action):
 
     def describe(self) -> str:
         return (f"rebuild /dev ({len(self.populate)} entries, keep "
-                f"{' '.join(self.preserved) or 'no submounts'}) and swap it in atomically")
+                f"{' '.join(map(_e, self.preserved)) or 'no submounts'}) and swap it in "
+                "atomically")
 
 
 def _size(n: int) -> str:

@@ -95,6 +95,16 @@ def _lazy(modname: str, fn: str) -> Callable[[argparse.Namespace], int]:
     return call
 
 
+def _seconds(text: str) -> float:
+    try:
+        val = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < val <= 86400:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 86400 seconds: {text!r}")
+    return val
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="nsmount", description="Mount-namespace and mount-propagation manager for QEMU VMs")
@@ -119,12 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-qemu", action="store_true", help="use a stand-in process, not QEMU")
     sp.set_defaults(func=cmd_demo)
 
+    def timeout_opt(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--timeout", type=_seconds, default=30.0, metavar="SECONDS",
+                        help="deadline for the work on one VM; a VM that blocks longer is "
+                        "abandoned (default 30)")
+
     def target_opts(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("target", metavar="TARGET", help="PID, pid:N or a libvirt domain name")
         spec_opts(sp)
         sp.add_argument("--libvirt-state-dir", help="default $NSMOUNT_LIBVIRT_STATE_DIR or "
                         "/run/libvirt/qemu")
         sp.add_argument("--json", action="store_true", help="machine-readable output")
+        timeout_opt(sp)
 
     sp = sub.add_parser("inspect", help="show a VM namespace's mounts, /dev and drift")
     target_opts(sp)
@@ -168,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--jobs", type=int, default=0, help="worker processes (default: one per CPU)")
     sp.add_argument("--libvirt-state-dir")
     sp.add_argument("--no-scan", action="store_true", help="skip the process-table scan")
+    timeout_opt(sp)
     sp.set_defaults(func=_lazy("reconnect", "cmd_reconnect"))
 
     sp = sub.add_parser("libvirt-hook", help="entry point for /etc/libvirt/hooks/qemu")
@@ -186,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):
+        try:  # a name a VM chose must never crash the report (it is escaped anyway)
+            stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
+        except (AttributeError, ValueError):
+            pass
     logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
                         format="nsmount: %(levelname)s: %(message)s")
     try:

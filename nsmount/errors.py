@@ -102,6 +102,23 @@ class ActionError(NsmountError):
     exit_code = 14
 
 
+class ForeignNamespaceError(TargetError):
+    """The target's mount namespace is owned by a user namespace other than nsmount's
+    (the VM made it itself and may mount anything in it), or is not the namespace
+    nsmount recorded when it launched the VM."""
+
+    exit_code = 15
+    hint = ("nsmount never enters a namespace a VM controls; restart the VM (its QEMU "
+            "replaced the namespace it was started in)")
+
+
+class DeadlineError(NsmountError):
+    """The work for one VM did not finish within its deadline and was abandoned."""
+
+    exit_code = 16
+    hint = "a VM that blocks (FUSE, a frozen process) is abandoned; raise --timeout if it is slow"
+
+
 def from_oserror(exc: OSError, what: str) -> NsmountError:
     """Turn a raw OSError into the matching NsmountError (the one boundary)."""
     where = f" {exc.filename}" if exc.filename else ""

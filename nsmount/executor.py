@@ -149,10 +149,13 @@ class Executor:
     apply (its root fd is that thread's root)."""
 
     def __init__(self, prep: HostPrep | None = None, *, fail_fast: bool = False,
-                 check_dev_mount: bool = True) -> None:
+                 check_dev_mount: bool = True, dev_sb: int | None = None) -> None:
         self.prep = prep or HostPrep()
         self.fail_fast = fail_fast
         self.check_dev_mount = check_dev_mount
+        #: st_dev of the /dev tmpfs verified as the VM's own (the planner refused any
+        #: other): every parent directory under /dev must be on it, and on its mount
+        self.dev_sb = dev_sb
         self.root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self.staging: int | None = None  # detached /dev tmpfs while being populated
         self.preserved: dict[str, int] = {}
@@ -201,6 +204,9 @@ class Executor:
         if self._dev_mnt is None:
             dfd = fsops.open_dir(self.root, "dev")
             try:
+                if self.dev_sb is not None and os.fstat(dfd).st_dev != self.dev_sb:
+                    raise RefusedError("refusing to write under /dev: it is no longer the "
+                                       "tmpfs that was verified as the VM's own")
                 self._dev_mnt = fsops.mount_id(dfd)[0]
             finally:
                 os.close(dfd)
@@ -213,10 +219,11 @@ class Executor:
         pfd = fsops.open_dir(base, head)
         if base == self.root and self.check_dev_mount and is_strictly_within(path, "/dev"):
             mid, _ = fsops.mount_id(pfd)
-            if mid != self._dev_mount_id():
+            if mid != self._dev_mount_id() or (self.dev_sb is not None
+                                               and os.fstat(pfd).st_dev != self.dev_sb):
                 os.close(pfd)
-                raise RefusedError(f"refusing {path}: its directory is not on the VM's /dev "
-                                   "tmpfs (a submount or a planted mount)")
+                raise RefusedError(f"refusing {path}: its directory is not on the VM's own "
+                                   "/dev tmpfs (a submount or a planted mount)")
         return pfd, name
 
     def _clear_leaf(self, pfd: int, name: str, path: str, keep_dir: bool) -> str | None:
@@ -454,6 +461,7 @@ class Executor:
                                     | C.MOVE_MOUNT_T_EMPTY_PATH)
                 note = ("kernel without MOVE_MOUNT_BENEATH: new /dev stacked on the old one "
                         "(the old one stays hidden beneath)")
+            self.dev_sb = os.fstat(new).st_dev  # the new tmpfs is the VM's own from now on
         finally:
             os.close(dev)
             os.close(new)
@@ -495,7 +503,7 @@ def make_hugepage_dir(root: int, mount: str, path: str, uid: int, gid: int) -> N
                 raise
             try:
                 syscalls.fchown_empty(leaf, uid, gid)
-                os.chmod(f"/proc/thread-self/fd/{leaf}", 0o700)
+                fsops.chmod_fd(leaf, 0o700)
             finally:
                 os.close(leaf)
         finally:

@@ -34,6 +34,7 @@ class HostState:
     hugetlbfs: tuple[HostMount, ...]
     _resolved: dict[str, Any] = field(default_factory=dict, repr=False)
     _st_dev: dict[str, int | None] = field(default_factory=dict, repr=False)
+    _mount_devs: frozenset[int] | None = field(default=None, repr=False)
 
     @classmethod
     def read(cls) -> HostState:
@@ -85,7 +86,15 @@ class HostState:
                                      (0,) if all_hugetlbfs else spec.hugepages)
         return Desired(entries=entries, mounts=self.vm_mounts(spec), hugepage_dirs=dirs,
                        uid=spec.uid, gid=spec.gid,
-                       host_mounts=tuple(self.tree.visible())), skipped
+                       host_mounts=tuple(self.tree.visible()),
+                       host_devs=self.mount_devs), skipped
+
+    @property
+    def mount_devs(self) -> frozenset[int]:
+        """st_dev of every superblock mounted in the host namespace (hidden ones too)."""
+        if self._mount_devs is None:
+            self._mount_devs = frozenset(os.makedev(m.major, m.minor) for m in self.tree.mounts)
+        return self._mount_devs
 
 
 def effective_id(spec: VmSpec, pid: int) -> int:

@@ -70,10 +70,15 @@ def build(lp: LaunchPlan) -> None:
 
 
 def _record(lp: LaunchPlan, pid: int, state_dir: str | None) -> None:
+    """Written from inside the new namespace, right after it was built: the namespace
+    and the /dev tmpfs identify the VM's own from now on (later runs refuse others)."""
     spec = replace(lp.spec, domain_id=effective_id(lp.spec, pid), name=effective_name(lp.spec))
     from .target import starttime
 
-    record.write(record.Record(pid, starttime(pid), spec, lp.submounts), state_dir)
+    ns = os.stat("/proc/self/ns/mnt")
+    dev = os.stat("/dev", follow_symlinks=False).st_dev
+    record.write(record.Record(pid, starttime(pid), spec, lp.submounts,
+                               (ns.st_dev, ns.st_ino), dev), state_dir)
 
 
 def _which(argv: Sequence[str]) -> str:

@@ -42,3 +42,17 @@ def vm_lock(pid: int, starttime: int, *, sdir: str | None = None,
         yield waited
     finally:
         os.close(fd)
+
+
+def drop_lock(pid: int, starttime: int, *, sdir: str | None = None) -> None:
+    """Remove the lock file of a VM that exited."""
+    try:
+        dfd = open_subdir("locks", sdir)
+    except OSError:
+        return
+    try:
+        os.unlink(f"{pid}-{starttime}.lock", dir_fd=dfd)
+    except FileNotFoundError:
+        pass
+    finally:
+        os.close(dfd)

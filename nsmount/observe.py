@@ -2,7 +2,10 @@
 
 Visibility is decided here, by looking: a mount listed in mountinfo may be hidden
 under the VM's /dev tmpfs, so presence means "this path, looked up without
-symlinks from the VM's root, lands on the host mount's superblock".
+symlinks from the VM's root, lands on the host mount's superblock".  Nothing here
+reads the VM's ``/proc`` (its mount table is read from the host side, see
+:meth:`nsmount.target.Target.mount_table`); every lookup goes through
+:func:`nsmount.kernel.fsops.open_path` from the VM's root fd.
 """
 
 from __future__ import annotations
@@ -13,48 +16,66 @@ import stat
 
 from .kernel import consts as C
 from .kernel import fsops, syscalls
-from .model import mountinfo
 from .model.devnode import Entry
 from .model.mountinfo import MountTree
 from .model.paths import components, is_strictly_within
 from .plan import Desired, MountState, Observed, in_submount, parent_dirs
 
 
-def observe(desired: Desired, host_devs: dict[str, int], *, with_tree: bool = True) -> Observed:
+_FSTYPES = {C.TMPFS_MAGIC: "tmpfs", C.HUGETLBFS_MAGIC: "hugetlbfs", C.DEVPTS_MAGIC: "devpts",
+            C.PROC_SUPER_MAGIC: "proc", 0x858458F6: "ramfs", 0xEF53: "ext4",
+            0x58465342: "xfs", 0x9123683E: "btrfs", 0x65735546: "fuse", 0x794C7630: "overlay"}
+
+
+def fstype_name(magic: int) -> str:
+    return _FSTYPES.get(magic, hex(magic))
+
+
+def observe(desired: Desired, host_devs: dict[str, int], *,
+            tree: MountTree | None = None) -> Observed:
     """Gather what the calling thread's mount namespace holds for ``desired``.
 
-    ``host_devs`` maps each desired mount path to the host's st_dev there.
+    ``host_devs`` maps each desired mount path to the host's st_dev there; ``tree`` is
+    the VM's mount table, read from the host side beforehand.
     """
     root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         obs = Observed()
-        tree = MountTree(mountinfo.read("thread-self")) if with_tree else None
         if tree is not None:
             obs.tree = tuple(tree.visible())
+            obs.hidden = tuple(tree.hidden())
         try:
             dfd = fsops.open_dir(root, "dev")
             try:
                 ftype, _ = syscalls.fstatfs(dfd)
-                obs.dev_fstype = "tmpfs" if ftype == C.TMPFS_MAGIC else hex(ftype)
+                obs.dev_fstype = fstype_name(ftype)
+                obs.dev_id = os.fstat(dfd).st_dev
+                obs.dev_mount_root = fsops.mount_id(dfd)[1]
             finally:
                 os.close(dfd)
-        except OSError:
-            obs.dev_fstype = "missing"
+        except OSError as exc:
+            obs.dev_fstype = ("a symlink" if exc.errno == errno.ELOOP
+                              else "missing" if exc.errno == errno.ENOENT
+                              else f"unusable: {exc.strerror}")
         subs = tuple(h.path for h in desired.mounts if h.under_dev)
         mine = tuple(e for e in desired.entries if not in_submount(e.path, subs))
         for path in [*parent_dirs(mine, skip=subs), *(e.path for e in mine)]:
             _observe_entry(root, path, obs)
         for h in desired.mounts:
-            obs.mounts[h.path] = _observe_mount(root, h.path, h.fstype, h.pagesize,
-                                                host_devs.get(h.path), tree)
+            try:
+                obs.mounts[h.path] = _observe_mount(root, h.path, h.fstype, h.pagesize,
+                                                    host_devs.get(h.path), tree)
+            except OSError as exc:
+                obs.mounts[h.path] = MountState(h.path, "error",
+                                                f"cannot look at it: {exc.strerror}")
         for mount, path in desired.hugepage_dirs:
             # present = a directory on the hugetlbfs itself (not a mount planted over it)
             try:
                 mfd = fsops.open_dir(root, mount.lstrip("/"))
                 try:
-                    os.close(syscalls.openat2(mfd, path[len(mount):].strip("/"),
-                                              os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW,
-                                              fsops.SAME_MOUNT))
+                    os.close(fsops.open_path(mfd, path[len(mount):],
+                                             os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW,
+                                             fsops.SAME_MOUNT))
                 finally:
                     os.close(mfd)
                 obs.hugepage_dirs[path] = True
@@ -69,16 +90,16 @@ def _observe_entry(root: int, path: str, obs: Observed) -> None:
     rel = path.lstrip("/")
     try:
         st = fsops.lstat_at(root, rel)
+        target = fsops.readlink_at(root, rel) if st and stat.S_ISLNK(st.st_mode) else None
     except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.EXDEV):
-            obs.unsafe[path] = "a directory on the way is a symlink (not followed)"
-            obs.entries[path] = None
-            return
-        raise
+        obs.unsafe[path] = ("a directory on the way is a symlink (not followed)"
+                            if exc.errno in (errno.ELOOP, errno.EXDEV)
+                            else f"cannot look at it: {exc.strerror}")
+        obs.entries[path] = None
+        return
     if st is None:
         obs.entries[path] = None
         return
-    target = fsops.readlink_at(root, rel) if stat.S_ISLNK(st.st_mode) else None
     obs.entries[path] = Entry.from_stat(path, st, target=target)
 
 
@@ -112,10 +133,10 @@ def _observe_mount(root: int, path: str, fstype: str, pagesize: int | None,
 def _hidden(path: str, tree: MountTree | None) -> str:
     if tree is None:
         return ""
-    vis = {m.mount_id for m in tree.visible()}
-    for m in tree.mounts:
-        if m.mountpoint == path and m.mount_id not in vis:
-            return "hidden: listed in mountinfo but covered by the VM's /dev tmpfs"
+    for m in tree.hidden():
+        if m.mountpoint == path:
+            return (f"hidden: listed in mountinfo (mount id {m.mount_id}) but covered "
+                    "by another mount in the VM")
     return ""
 
 
@@ -124,7 +145,10 @@ def dev_listing(max_entries: int = 4096) -> list[dict[str, object]]:
     root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     out: list[dict[str, object]] = []
     try:
-        dfd = fsops.open_dir(root, "dev")
+        try:
+            dfd = fsops.open_dir(root, "dev")
+        except OSError:
+            return []  # no /dev to list (reported as foreign-dev by the planner)
         dev_mnt = fsops.mount_id(dfd)[0]
         stack = [("/dev", dfd)]
         while stack and len(out) < max_entries:

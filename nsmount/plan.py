@@ -6,7 +6,6 @@ Nothing here touches the system, so every rule is unit-tested without root, and
 
 from __future__ import annotations
 
-import posixpath
 from dataclasses import dataclass, field
 
 from .actions import (
@@ -24,6 +23,7 @@ from .actions import (
     SwitchDev,
 )
 from .model.devnode import Entry
+from .model.display import escape_name
 from .model.hostmounts import HostMount
 from .model.mountinfo import Mount
 from .model.paths import components, is_strictly_within, is_within
@@ -43,6 +43,11 @@ class Desired:
     uid: int = 0
     gid: int = 0
     host_mounts: tuple[Mount, ...] = ()  # the host's visible mounts, for re-linking
+    #: st_dev of the /dev tmpfs nsmount built at launch (None: VM not launched by it)
+    dev_sb: int | None = None
+    #: st_dev of every mount in the host namespace: a VM /dev on one of these
+    #: superblocks is (a view of) a host filesystem, never the VM's own tmpfs
+    host_devs: frozenset[int] = frozenset()
 
 
 def flatten_entries(chains: list[tuple[Entry, ...]]) -> tuple[Entry, ...]:
@@ -138,10 +143,13 @@ class Observed:
     """What the VM really sees, gathered from inside its namespace."""
 
     dev_fstype: str = "tmpfs"
+    dev_id: int | None = None  # st_dev of what the VM sees at /dev
+    dev_mount_root: bool = True  # /dev is a mount of its own (not a directory of /)
     entries: dict[str, Entry | None] = field(default_factory=dict)
     unsafe: dict[str, str] = field(default_factory=dict)  # path -> what was planted
     mounts: dict[str, MountState] = field(default_factory=dict)
     tree: tuple[Mount, ...] = ()  # the namespace's visible mounts
+    hidden: tuple[Mount, ...] = ()  # listed in its mountinfo, covered by another mount
     hugepage_dirs: dict[str, bool] = field(default_factory=dict)  # path -> exists
 
 
@@ -155,7 +163,7 @@ class Drift:
     fixable: bool = True
 
     def describe(self) -> str:
-        return f"{self.kind}: {self.path}: {self.detail}"
+        return f"{self.kind}: {escape_name(self.path)}: {self.detail}"
 
     def to_dict(self) -> dict[str, object]:
         return {"kind": self.kind, "path": self.path, "detail": self.detail,
@@ -166,10 +174,38 @@ def _attrs_differ(want: Entry, have: Entry) -> bool:
     return (want.mode, want.uid, want.gid) != (have.mode, have.uid, have.gid)
 
 
+def foreign_dev(desired: Desired, observed: Observed) -> str:
+    """Why the VM's /dev is not a place nsmount may write into ('' when it is).
+
+    Only the VM's own private tmpfs qualifies: the one recorded at launch, or, for a VM
+    nsmount did not launch, a tmpfs mounted at /dev whose superblock is mounted nowhere
+    in the host namespace.  Anything else (a bind of a host directory, the host's own
+    /dev, the root filesystem's /dev directory after ``umount -l /dev``, a ramfs) is a
+    view of something that is not the VM's: writing there would write on the host.
+    """
+    if observed.dev_id is None:
+        return f"/dev cannot be used ({observed.dev_fstype})"
+    if observed.dev_fstype != "tmpfs":
+        return f"/dev is a {observed.dev_fstype}, not the VM's private tmpfs"
+    if not observed.dev_mount_root:
+        return "/dev is a directory of another filesystem, not a mount of its own"
+    if desired.dev_sb is not None:
+        if observed.dev_id != desired.dev_sb:
+            return "/dev is not the tmpfs nsmount built at launch"
+        return ""
+    if observed.dev_id in desired.host_devs:
+        return "/dev is a tmpfs that is also mounted in the host namespace"
+    return ""
+
+
 def diff(desired: Desired, observed: Observed) -> tuple[list[Drift], list[Action]]:
     """Compare and plan the repair.  Returns (drifts, actions)."""
     drifts: list[Drift] = []
     acts: list[Action] = []
+    not_ours = foreign_dev(desired, observed)
+    if not_ours:
+        drifts.append(Drift("foreign-dev", DEV, f"{not_ours}: nsmount writes nothing "
+                            "there (repair --rebuild-dev replaces it)", fixable=False))
 
     # 1. mounts that became private though their host counterpart propagates
     host_by_key = {(m.mountpoint, m.dev, m.root): m for m in desired.host_mounts}
@@ -184,11 +220,14 @@ def diff(desired: Desired, observed: Observed) -> tuple[list[Drift], list[Action
         drifts.append(d)
         acts.append(RelinkMount(m.mountpoint, reason=d.describe()))
 
-    # 2. /dev entries
+    # 2. /dev entries (none at all in a /dev that is not the VM's own)
     submounts = tuple(h.path for h in desired.mounts if h.under_dev)
-    mine = tuple(e for e in desired.entries if not in_submount(e.path, submounts))
+    mine = tuple(e for e in desired.entries if not in_submount(e.path, submounts)
+                 and not not_ours)
     for d_path in parent_dirs(mine, skip=submounts):
         have = observed.entries.get(d_path)
+        if d_path in observed.unsafe:
+            drifts.append(Drift("unsafe-path", d_path, observed.unsafe[d_path]))
         if have is None:
             if d_path in observed.entries:
                 drifts.append(Drift("missing-dir", d_path, "directory missing"))
@@ -238,15 +277,20 @@ def diff(desired: Desired, observed: Observed) -> tuple[list[Drift], list[Action
         kind = "hidden-mount" if st.detail.startswith("hidden") else "missing-mount"
         if st.state == "unsafe":
             kind = "planted"
-        if not hm.under_dev and st.state == "missing-mountpoint":
-            drifts.append(Drift(kind, hm.path, "mount point missing outside /dev; "
-                                "nsmount creates mount points only inside the VM's /dev",
-                                fixable=False))
+        if st.state == "error":
+            drifts.append(Drift("unobservable", hm.path, st.detail, fixable=False))
+            continue
+        creatable = hm.under_dev and not not_ours
+        if not creatable and st.state in ("missing-mountpoint", "unsafe"):
+            where = "in a /dev that is not the VM's own" if hm.under_dev else "outside /dev"
+            drifts.append(Drift(kind, hm.path, f"mount point missing or planted {where}; "
+                                "nsmount creates mount points only inside the VM's own "
+                                "/dev tmpfs", fixable=False))
             continue
         dr = Drift(kind, hm.path, st.detail or f"host {hm.fstype} not visible in the VM")
         drifts.append(dr)
         acts.append(ReplayMount(hm.path, hm.fstype, hm.pagesize,
-                                make_mountpoint=hm.under_dev, reason=dr.describe()))
+                                make_mountpoint=creatable, reason=dr.describe()))
 
     # 4. per-domain hugepage directories
     for mount, path in desired.hugepage_dirs:
@@ -274,8 +318,3 @@ def plan_rebuild(desired: Desired) -> list[Action]:
     for mount, path in desired.hugepage_dirs:
         acts.append(MakeHugepageDir(mount, path, desired.uid, desired.gid))
     return acts
-
-
-def dev_relpath(path: str) -> str:
-    """'/dev/a/b' -> 'a/b' (for populating a detached /dev tmpfs through its fd)."""
-    return posixpath.relpath(path, DEV) if path != DEV else ""

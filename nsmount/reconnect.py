@@ -18,17 +18,26 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import NsmountError, SpecError, from_oserror
+from .errors import DeadlineError, NsmountError, SpecError
 from .hoststate import HostState
 from .kernel import consts as C
 from .kernel import syscalls
-from .kernel.nsenter import NamespacePool
-from .locks import vm_lock
+from .locks import drop_lock, vm_lock
 from .model import record
+from .model.display import escape_name, safe_line
 from .model.spec import VmSpec
-from .session import Outcome, VmSession, ensure_host_hugepage_dirs, host_ns_fd
-from .sources import libvirt_state_dir, looks_like_qemu, read_pidfile
-from .target import Target, ns_id
+from .session import Outcome, VmSession, ensure_host_hugepage_dirs, failure, host_ns_fd
+from .sources import (
+    check_record,
+    libvirt_state_dir,
+    libvirt_status,
+    looks_like_qemu,
+    read_pidfile,
+    resolve_target,
+    spec_for,
+)
+from .target import SELF_MNTNS, Target, owned_by_us, starttime
+from .worker import DEFAULT_TIMEOUT, run_all
 
 
 @dataclass
@@ -41,22 +50,54 @@ class Candidate:
     starttime: int | None = None
     spec: VmSpec | None = None
     error: str = ""
+    #: from nsmount's launch record: the namespace and /dev tmpfs it built
+    mntns: tuple[int, int] | None = None
+    dev: int | None = None
+    recorded: bool = False
+
+
+def _running(pid: int, started: int | None) -> bool:
+    try:
+        return started is None or starttime(pid) == started
+    except (NsmountError, OSError, ValueError, IndexError):
+        return False
+
+
+def _drop_stale(pid: int, started: int | None, sdir: str | None) -> None:
+    """Forget a VM that exited: its launch record and its lock file."""
+    record.remove(pid, sdir)
+    if started is not None:
+        drop_lock(pid, started, sdir=sdir)
 
 
 def discover(*, sdir: str | None = None, lvdir: str | None = None,
-             scan: bool = True) -> list[Candidate]:
+             scan: bool = True, dry_run: bool = False) -> list[Candidate]:
+    """Every VM to reconnect.  Records of VMs that exited are dropped (kept with
+    ``dry_run``) and never reported; a bad state file is that VM's failure, with the
+    reason, never the run's."""
     found: dict[int, Candidate] = {}
     bad: list[Candidate] = []
-    for rec in record.scan(sdir):
-        found.setdefault(rec.pid, Candidate(rec.pid, "record", rec.spec.name, rec.starttime,
-                                            rec.spec))
+    for pid, rec in record.scan(sdir):
+        if isinstance(rec, SpecError):
+            if not _running(pid, None):
+                if not dry_run:
+                    record.remove(pid, sdir)
+                continue
+            bad.append(Candidate(pid, "record", error=rec.oneline()))
+            continue
+        if not _running(pid, rec.starttime):
+            if not dry_run:
+                _drop_stale(pid, rec.starttime, sdir)
+            continue
+        found.setdefault(pid, Candidate(pid, "record", rec.spec.name, rec.starttime, rec.spec,
+                                        mntns=rec.mntns, dev=rec.dev, recorded=True))
     d = libvirt_state_dir(lvdir)
     try:
         entries = set(os.listdir(d))
         # driver.pid is the QEMU driver's own lock file (libvirtd's pid), not a domain
         names = sorted(n[:-4] for n in entries if n.endswith(".pid")
                        and not (n == "driver.pid" and "driver.xml" not in entries))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         names = []
     for name in names:
         try:
@@ -67,15 +108,15 @@ def discover(*, sdir: str | None = None, lvdir: str | None = None,
         spec = None
         err = ""
         try:
-            from .sources import libvirt_status
-
             st = libvirt_status(name, lvdir)
             if st is not None:
                 xpid, spec = st
                 if xpid != pid:
                     err = f"status XML names pid {xpid} but the pid file says {pid}"
-        except SpecError as exc:
+        except NsmountError as exc:
             err = exc.oneline()
+        except Exception as exc:  # a parser bug on hostile input: this VM fails, not the run
+            err = f"{name}.xml: cannot parse: {type(exc).__name__}: {exc}"
         if err:
             bad.append(Candidate(pid, "libvirt", name, error=err))
             continue
@@ -91,20 +132,26 @@ def discover(*, sdir: str | None = None, lvdir: str | None = None,
 
 
 def _scan_processes() -> Iterable[Candidate]:
-    """QEMU processes in a mount namespace other than ours (psutil scan)."""
+    """QEMU processes in a mount namespace other than ours that our own user namespace
+    owns (psutil scan).  A process in a namespace it made itself (``unshare -Urm``) is
+    never adopted: whatever it calls itself, nsmount cannot trust anything in there."""
     import psutil
 
-    me = ns_id("self")
     for p in psutil.process_iter(["pid", "name"]):
         name = p.info.get("name") or ""
         if not (name.startswith("qemu-system-") or name in ("qemu-kvm", "kvm")):
             continue
         try:
             with open(f"/proc/{p.pid}/cmdline", "rb") as fh:
-                if not looks_like_qemu(fh.read()):
+                if not looks_like_qemu(fh.read(1 << 20)):
                     continue
-            if ns_id(p.pid) == me:
-                continue
+            nsfd = os.open(f"/proc/{p.pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                st = os.fstat(nsfd)
+                if (st.st_dev, st.st_ino) == SELF_MNTNS or not owned_by_us(nsfd):
+                    continue
+            finally:
+                os.close(nsfd)
         except OSError:
             continue
         yield Candidate(p.pid, "scan")
@@ -138,25 +185,24 @@ def _failed(c: Candidate, msg: str, code: int = 2) -> Outcome:
     return Outcome(c.pid, c.name, c.origin, status="failed", error=msg, error_code=code)
 
 
-#: below this many VMs per worker a fork costs more than it saves
+#: below this many VMs per worker one more fork costs more than it saves
 MIN_VMS_PER_WORKER = 50
 
 
 def reconnect(*, candidates: list[Candidate] | None = None, dry_run: bool = False,
               jobs: int = 1, sdir: str | None = None, lvdir: str | None = None,
-              scan: bool = True, progress: Callable[[int, int, int], None] | None = None
-              ) -> Report:
+              scan: bool = True, timeout: float = DEFAULT_TIMEOUT,
+              progress: Callable[[int, int, int], None] | None = None) -> Report:
     """Reconnect all (or the given) VMs; returns a per-VM report.  Library entry point
     for VM-manager daemons.
 
-    ``jobs`` > 1 shards the VMs over that many forked worker processes (Python threads
-    would only contend for the GIL); each worker enters namespaces from one thread of
-    its own.  The library default is 1, in-process, which is safe to call from a
-    multithreaded daemon; the CLI uses one worker per CPU.
+    The VMs are worked on in forked worker processes (``jobs`` at most, one per 50
+    VMs), each VM under a deadline of ``timeout`` seconds: a VM that blocks is
+    abandoned (its worker killed) and reported failed, the others go on.
     """
     t0 = time.perf_counter()
     if candidates is None:
-        candidates = discover(sdir=sdir, lvdir=lvdir, scan=scan)
+        candidates = discover(sdir=sdir, lvdir=lvdir, scan=scan, dry_run=dry_run)
     host = HostState.read()
     rep = Report()
     good = []
@@ -176,134 +222,54 @@ def reconnect(*, candidates: list[Candidate] | None = None, dry_run: bool = Fals
             progress(len(rep.outcomes), len(candidates),
                      sum(x.status == "failed" for x in rep.outcomes))
 
-    args = (host, dry_run, sdir, lvdir, bulk)
-    if workers == 1:
-        _run_shard(good, *args, emit=emit)
-    else:
-        _run_forked([good[i::workers] for i in range(workers)], args, emit)
+    hfd = host_ns_fd()
+    try:
+        run_all(good, lambda c: _process(c, host, hfd, dry_run, sdir, lvdir, bulk, timeout),
+                workers=workers, timeout=timeout,
+                on_result=lambda _c, o: emit(o),
+                on_error=lambda c, exc: emit(failure(_failed(c, ""), exc)),
+                on_lost=lambda c, why: emit(_failed(c, why, DeadlineError.exit_code)))
+    finally:
+        os.close(hfd)
     rep.outcomes.sort(key=lambda o: (o.name or "", o.pid))
     rep.seconds = time.perf_counter() - t0
     return rep
 
 
-def _run_shard(cands: list[Candidate], host: HostState, dry_run: bool, sdir: str | None,
-               lvdir: str | None, bulk: bool, *, emit: Callable[[Outcome], None]) -> None:
-    """Reconnect ``cands`` one after the other from one namespace thread."""
-    hfd = host_ns_fd()
-    try:
-        with NamespacePool(1) as pool:
-            for c in cands:
-                emit(_process(c, host, hfd, pool, dry_run, sdir, lvdir, bulk))
-    finally:
-        os.close(hfd)
-
-
-def _process(c: Candidate, host: HostState, hfd: int, pool: NamespacePool, dry_run: bool,
-             sdir: str | None, lvdir: str | None, bulk: bool) -> Outcome:
+def _process(c: Candidate, host: HostState, hfd: int, dry_run: bool, sdir: str | None,
+             lvdir: str | None, bulk: bool, timeout: float) -> Outcome:
+    """One VM, in a worker process: pin, check, lock, then the session does the rest."""
+    syscalls.setns(hfd, C.CLONE_NEWNS)  # /proc and the state dirs are the host's
+    deadline = time.monotonic() + timeout
     try:
         t = Target.pin(c.pid, expect_starttime=c.starttime, name=c.name)
     except NsmountError as exc:
         return _failed(c, exc.oneline(), exc.exit_code)
+    out = _failed(c, "")
     try:
-        spec = c.spec
-        if spec is None:
-            from .sources import spec_for
-
-            spec = spec_for(t, domain=c.name, lvdir=lvdir, sdir=sdir)
+        if c.recorded:
+            t.expect_namespace(c.mntns, c.dev)
+        else:
+            check_record(t, sdir)
+        spec = c.spec if c.spec is not None else spec_for(t, domain=c.name, lvdir=lvdir,
+                                                          sdir=sdir)
+        out = Outcome(t.pid, spec.name, spec.source)
         sess = VmSession(t, spec, host, all_hugetlbfs=True, bulk=bulk)
-        if not dry_run:
-            sess.skipped_host = ensure_host_hugepage_dirs(sess.desired)  # type: ignore[attr-defined]
-        return pool.submit(_one, sess, hfd, dry_run, sdir).result()
-    except NsmountError as exc:
-        return _failed(c, exc.oneline(), exc.exit_code)
+        host_errs = [] if dry_run else ensure_host_hugepage_dirs(sess.desired)
+        with vm_lock(t.pid, t.starttime, sdir=sdir,
+                     timeout=max(0.1, deadline - time.monotonic())) as waited:
+            out = sess.work(hfd, dry_run=dry_run)
+            if waited:
+                out.warnings.append("busy, waited for another nsmount")
+        out.warnings += [f"host side: {e}" for e in host_errs]
+        return out
+    except (NsmountError, OSError) as exc:
+        return failure(out, exc, t)
     finally:
         t.close()
 
 
-def _run_forked(shards: list[list[Candidate]], args: tuple[Any, ...],
-                emit: Callable[[Outcome], None]) -> None:
-    """One forked worker per shard; outcomes come back pickled, length-prefixed."""
-    import pickle
-    import selectors
-    import struct
-
-    from . import executor
-
-    children: dict[int, int] = {}
-    sel = selectors.DefaultSelector()
-    for shard in shards:
-        r, w = os.pipe2(os.O_CLOEXEC)
-        pid = os.fork()
-        if pid == 0:
-            code = 0
-            try:
-                os.close(r)
-                executor.WORKER_OF = os.getppid()
-
-                def send(o: Outcome, w: int = w) -> None:
-                    data = pickle.dumps(o)
-                    os.write(w, struct.pack("=I", len(data)))
-                    mv = memoryview(data)
-                    while mv:
-                        mv = mv[os.write(w, mv):]
-
-                _run_shard(shard, *args, emit=send)
-            except BaseException:  # a worker must never return into the caller
-                import traceback
-
-                traceback.print_exc()
-                code = 1
-            finally:
-                os._exit(code)
-        os.close(w)
-        children[r] = pid
-        sel.register(r, selectors.EVENT_READ, bytearray())
-    try:
-        while sel.get_map():
-            for key, _ in sel.select():
-                buf: bytearray = key.data
-                chunk = os.read(key.fd, 1 << 16)
-                if not chunk:
-                    sel.unregister(key.fd)
-                    os.close(key.fd)
-                    continue
-                buf += chunk
-                while len(buf) >= 4:
-                    (n,) = struct.unpack("=I", buf[:4])
-                    if len(buf) < 4 + n:
-                        break
-                    emit(pickle.loads(bytes(buf[4:4 + n])))
-                    del buf[:4 + n]
-    finally:
-        for pid in children.values():
-            os.waitpid(pid, 0)
-
-
-def _one(sess: VmSession, hfd: int, dry_run: bool, sdir: str | None) -> Outcome:
-    """Runs in a pool worker: back to the host namespace (a reused worker may sit in
-    the previous VM's), take the VM's lock there, then work() enters the VM."""
-    t = sess.target
-    try:
-        syscalls.setns(hfd, C.CLONE_NEWNS)
-        with vm_lock(t.pid, t.starttime, sdir=sdir) as waited:
-            out = sess.work(hfd, dry_run=dry_run)
-            if waited:
-                out.warnings.append("busy, waited for another nsmount")
-    except NsmountError as exc:
-        out = Outcome(t.pid, sess.spec.name, sess.spec.source, status="failed",
-                      error=exc.oneline(), error_code=exc.exit_code)
-    except OSError as exc:  # e.g. a planted lock file: this VM fails, the others go on
-        err = from_oserror(exc, "lock")
-        out = Outcome(t.pid, sess.spec.name, sess.spec.source, status="failed",
-                      error=err.oneline(), error_code=err.exit_code)
-    for e in getattr(sess, "skipped_host", []):
-        out.warnings.append(f"host side: {e}")
-    return out
-
-
 def reconnect_one(target: str | int, **kw: Any) -> Report:
-    from .sources import resolve_target
-
     pid, domain = resolve_target(str(target), lvdir=kw.get("lvdir"))
     return reconnect(candidates=[Candidate(pid, "target", domain)], **kw)
 
@@ -325,7 +291,7 @@ def _progress_printer() -> Callable[[int, int, int], None] | None:
 
 def cmd_reconnect(args: argparse.Namespace) -> int:
     kw: dict[str, Any] = {"dry_run": args.dry_run, "jobs": args.jobs or os.cpu_count() or 1,
-                          "sdir": args.state_dir,
+                          "sdir": args.state_dir, "timeout": args.timeout,
                           "lvdir": args.libvirt_state_dir, "progress": _progress_printer()}
     if args.target:
         rep = reconnect_one(args.target, **kw)
@@ -335,12 +301,13 @@ def cmd_reconnect(args: argparse.Namespace) -> int:
         print(json.dumps(rep.to_dict(), indent=1, default=str))
     else:
         for o in rep.outcomes:
-            who = f"{o.name or 'vm'} (pid {o.pid})" if o.pid > 0 else (o.name or "?")
+            who = (f"{escape_name(o.name or 'vm')} (pid {o.pid})" if o.pid > 0
+                   else escape_name(o.name or "?"))
             what = o.error if o.status == "failed" else (
                 f"{len(o.actions)} action(s)" if o.actions else "nothing to do")
-            print(f"{o.status:<12} {who}: {what}")
+            print(safe_line(f"{o.status:<12} {who}: {what}"))
             for w in o.warnings:
-                print(f"{'':12} warning: {w}")
+                print(safe_line(f"{'':12} warning: {w}"))
         s = rep.summary()
         print(f"{s['total']} VM(s): {s['ok']} ok, {s['repaired']} repaired, "
               f"{s['would-repair']} would repair, {s['failed']} failed "

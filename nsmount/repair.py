@@ -11,14 +11,13 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import NoReturn
 
 from .actions import Action, RemoveEntry
 from .errors import (
     CommandNotFoundError,
-    NoSuchProcessError,
     NsmountError,
     SpecError,
     UnsafePathError,
@@ -27,60 +26,62 @@ from .errors import (
 from .hoststate import HostState
 from .kernel import consts as C
 from .kernel import syscalls
-from .kernel.nsenter import call_in_mntns
 from .locks import vm_lock
-from .model.mountinfo import escape
-from .model.paths import canonical, is_strictly_within
+from .model import elf
+from .model.display import escape_name, safe_line
+from .model.paths import canonical, is_strictly_within, is_within
 from .model.spec import VmSpec
 from .session import Outcome, VmSession, host_ns_fd
-from .sources import resolve_target, spec_for, update_record
+from .sources import check_record, resolve_target, spec_for, update_record
 from .target import Target
+from .worker import DEFAULT_TIMEOUT, run_one
 
 
 @contextmanager
 def pinned(target: str | int, *, explicit: VmSpec | None = None, lvdir: str | None = None,
-           sdir: str | None = None) -> Iterator[tuple[Target, VmSpec]]:
-    """Resolve, pin (pidfd + start time), refuse the host, lock, and find the spec."""
+           sdir: str | None = None, timeout: float = DEFAULT_TIMEOUT
+           ) -> Iterator[tuple[Target, VmSpec]]:
+    """Resolve, pin (pidfd + start time + checked namespace; host and VM-owned
+    namespaces refused), check against the launch record, find the spec, lock."""
     pid, domain = resolve_target(str(target), lvdir=lvdir)
     with Target.pin(pid, name=domain) as t:
         spec = spec_for(t, explicit=explicit, domain=domain, lvdir=lvdir, sdir=sdir)
         if t.name is None and spec.name:
             t.name = spec.name
-        with vm_lock(t.pid, t.starttime, sdir=sdir):
+        with vm_lock(t.pid, t.starttime, sdir=sdir, timeout=timeout):
             yield t, spec
 
 
-def _in_vm(t: Target, fn: Callable[..., Outcome], *args: object) -> Outcome:
-    try:
-        return call_in_mntns(t.pidfd, fn, *args)
-    except ProcessLookupError:  # setns through the pidfd of a process that has exited
-        raise NoSuchProcessError(f"pid {t.pid} exited during the run") from None
-
-
-def _run(t: Target, spec: VmSpec, host: HostState | None = None, **kw: object) -> Outcome:
-    """Enter the VM once and let a session observe, plan and apply (``kw`` goes to
-    :meth:`VmSession.work`)."""
+def _run(t: Target, spec: VmSpec, host: HostState | None = None, *,
+         timeout: float = DEFAULT_TIMEOUT, **kw: object) -> Outcome:
+    """The session's observe/plan/apply in a forked worker under a deadline (``kw``
+    goes to :meth:`VmSession.work`); DeadlineError when the VM blocks it."""
     sess = VmSession(t, spec, host or HostState.read())
     hfd = host_ns_fd()
     try:
-        return _in_vm(t, _entered, sess, hfd, kw)
+        return run_one(lambda: sess.work(hfd, **kw), timeout=timeout)  # type: ignore[arg-type]
     finally:
         os.close(hfd)
 
 
-def _entered(sess: VmSession, hfd: int, kw: dict[str, object]) -> Outcome:
-    return sess.work(hfd, **kw)  # type: ignore[arg-type]
-
-
 def inspect(target: str | int, **kw: object) -> Outcome:
     with pinned(target, **kw) as (t, spec):  # type: ignore[arg-type]
-        return _run(t, spec, dry_run=True, inspect=True)
+        return _run(t, spec, dry_run=True, inspect=True, timeout=_timeout(kw))
 
 
 def repair(target: str | int, *, dry_run: bool = False, rebuild_dev: bool = False,
            **kw: object) -> Outcome:
     with pinned(target, **kw) as (t, spec):  # type: ignore[arg-type]
-        return _run(t, spec, dry_run=dry_run, rebuild=rebuild_dev)
+        out = _run(t, spec, dry_run=dry_run, rebuild=rebuild_dev, timeout=_timeout(kw))
+        new_dev = out.extra.pop("new_dev", None)
+        if new_dev is not None and t.recorded_dev is not None:
+            # the rebuilt /dev is the VM's own from now on
+            update_record(t, spec, kw.get("sdir"), dev=new_dev)  # type: ignore[arg-type]
+        return out
+
+
+def _timeout(kw: dict[str, object]) -> float:
+    return float(kw.get("timeout") or DEFAULT_TIMEOUT)  # type: ignore[arg-type]
 
 
 def _check_hotplug_paths(paths: Sequence[str]) -> list[str]:
@@ -100,7 +101,7 @@ def device_add(target: str | int, paths: Sequence[str], *, dry_run: bool = False
     with pinned(target, **kw) as (t, spec):  # type: ignore[arg-type]
         only = VmSpec(name=spec.name, domain_id=spec.domain_id, default_devices=(),
                       source=spec.source).with_devices(clean)
-        out = _run(t, only, dry_run=dry_run, nodes_only=True)
+        out = _run(t, only, dry_run=dry_run, nodes_only=True, timeout=_timeout(kw))
         if not dry_run and out.status != "failed":
             update_record(t, spec.with_devices(clean), kw.get("sdir"))  # type: ignore[arg-type]
         return out
@@ -123,30 +124,99 @@ def device_remove(target: str | int, paths: Sequence[str], *, dry_run: bool = Fa
         acts: list[Action] = [RemoveEntry(p, reason="hotplug remove") for p in clean]
         empty = VmSpec(name=spec.name, domain_id=spec.domain_id, default_devices=(),
                        source=spec.source)
-        out = _run(t, empty, host, dry_run=dry_run, nodes_only=True, extra=acts)
+        out = _run(t, empty, host, dry_run=dry_run, nodes_only=True, extra=acts,
+                   timeout=_timeout(kw))
         if not dry_run and out.status != "failed":
             update_record(t, spec.without_devices(clean), kw.get("sdir"))  # type: ignore[arg-type]
         return out
 
 
-def run_in(target: str | int, argv: Sequence[str], **kw: object) -> NoReturn:
-    """exec ``argv`` inside the VM's mount namespace (pidfd-pinned; host refused)."""
+#: what the dynamic loader reads by path after exec: in the VM's namespace these must
+#: be the host's own files and directories (same inode), or run-in refuses
+LOADER_PATHS = ("/etc/ld.so.cache", "/etc/ld.so.preload", "/lib", "/lib64", "/usr/lib",
+                "/usr/lib64", "/usr/local/lib", "/lib/x86_64-linux-gnu",
+                "/usr/lib/x86_64-linux-gnu", "/lib/aarch64-linux-gnu",
+                "/usr/lib/aarch64-linux-gnu")
+
+
+def _identities(paths: Sequence[str]) -> dict[str, tuple[int, int] | None]:
+    out: dict[str, tuple[int, int] | None] = {}
+    for p in paths:
+        try:
+            st = os.stat(p)
+            out[p] = (st.st_dev, st.st_ino)
+        except OSError:
+            out[p] = None
+    return out
+
+
+def run_in(target: str | int, argv: Sequence[str], *, lvdir: str | None = None,
+           sdir: str | None = None, env: dict[str, str] | None = None) -> NoReturn:
+    """exec the HOST's ``argv[0]`` inside the VM's mount namespace.
+
+    Nothing found in the VM is executed: the binary is looked up on the host and
+    opened before entering, then executed by fd (``execveat``).  Only ELF binaries
+    (a script's interpreter would be looked up in the VM), and only when the dynamic
+    loader and the library directories the VM shows are the host's own inodes.  The
+    target is pinned and its namespace checked (host and VM-owned namespaces refused)
+    like every other command.
+    """
     import shutil
 
     if not argv:
         raise CommandNotFoundError("no command given")
-    pid, domain = resolve_target(str(target), lvdir=kw.get("lvdir"))  # type: ignore[arg-type]
-    t = Target.pin(pid, name=domain)
-    try:
-        syscalls.setns(t.pidfd, C.CLONE_NEWNS)
-    except OSError as exc:
-        raise from_oserror(exc, f"cannot enter {t.label()}") from None
-    os.chdir("/")
     exe = shutil.which(argv[0])
     if exe is None:
-        raise CommandNotFoundError(f"command not found inside the VM namespace: {argv[0]}")
+        raise CommandNotFoundError(f"command not found on the host: {argv[0]}",
+                                   hint="run-in only runs host binaries")
+    try:
+        fd = os.open(exe, os.O_RDONLY | os.O_CLOEXEC)
+        head = os.pread(fd, 1 << 16, 0)
+    except OSError as exc:
+        raise CommandNotFoundError(f"cannot open {exe}: {exc.strerror}") from None
+    interp = elf.interpreter(head)
+    watched = (interp, *LOADER_PATHS) if interp else LOADER_PATHS
+    on_host = _identities(watched)
+    pid, domain = resolve_target(str(target), lvdir=lvdir)
+    t = Target.pin(pid, name=domain)
+    check_record(t, sdir)
+    _no_foreign_mounts(t, watched)
+    try:
+        syscalls.setns(t.nsfd, C.CLONE_NEWNS)
+    except OSError as exc:
+        raise from_oserror(exc, f"cannot enter {t.label()}") from None
+    in_vm = _identities(watched)
+    differ = [p for p in watched if in_vm[p] != on_host[p]]
+    if differ:
+        os._exit(_refuse_in_vm(f"refusing to run {exe} in {t.label()}: the VM shows its own "
+                               f"{', '.join(differ)} (the loader would run the VM's code)"))
+    os.chdir("/")
     sys.stdout.flush()
-    os.execv(exe, list(argv))
+    sys.stderr.flush()
+    try:
+        syscalls.execveat(fd, list(argv), dict(os.environ) if env is None else env)
+    except OSError as exc:
+        os._exit(_refuse_in_vm(f"cannot exec {exe}: {exc.strerror}", 7))
+    raise AssertionError("execveat returned")  # pragma: no cover
+
+
+def _no_foreign_mounts(t: Target, watched: Sequence[str]) -> None:
+    """Every mount the VM has on or under a loader path (a file bind-mounted over a
+    library would pass the directory checks) must be the host's mount there."""
+    roots = {canonical(p) for p in watched} | {"/usr", "/etc"}
+    host = {(m.mountpoint, m.dev, m.root) for m in HostState.read().tree.visible()}
+    for m in t.mount_table().visible():
+        if any(is_within(m.mountpoint, r) for r in roots) and \
+                (m.mountpoint, m.dev, m.root) not in host:
+            raise UnsafePathError(f"refusing to run a host binary in {t.label()}: the VM "
+                                  f"has its own mount at {escape_name(m.mountpoint)}")
+
+
+def _refuse_in_vm(msg: str, code: int = UnsafePathError.exit_code) -> int:
+    """Inside the VM's namespace nothing may be looked up any more (not even Python's
+    lazy imports): report and leave with the exit code."""
+    os.write(2, f"nsmount: error: {safe_line(msg)}\n".encode("utf-8", "backslashreplace"))
+    return code
 
 
 # ------------------------------------------------------------------- CLI
@@ -154,7 +224,7 @@ def _kw(args: argparse.Namespace) -> dict[str, object]:
     from .cli import _load_spec
 
     return {"explicit": _load_spec(args, required=False), "lvdir": args.libvirt_state_dir,
-            "sdir": args.state_dir}
+            "sdir": args.state_dir, "timeout": args.timeout}
 
 
 def _exit(out: Outcome) -> int:
@@ -167,24 +237,24 @@ def print_outcome(out: Outcome, *, as_json: bool, verb: str) -> None:
     if as_json:
         print(json.dumps(out.to_dict(), indent=1, default=str))
         return
-    who = f"{out.name} (pid {out.pid})" if out.name else f"pid {out.pid}"
-    print(f"{who}: spec from {out.source}")
-    for w in out.warnings:
-        print(f"  warning: {w}")
-    for d in out.drifts:
-        print(f"  drift: {d.describe()}")
+    lines = []
+    who = f"{escape_name(out.name)} (pid {out.pid})" if out.name else f"pid {out.pid}"
+    lines.append(f"{who}: spec from {out.source}")
+    lines += [f"  warning: {w}" for w in out.warnings]
+    lines += [f"  drift: {d.describe()}" for d in out.drifts]
     if out.results:
         for r in out.results:
             mark = "ok  " if r.ok else "FAIL"
             tail = f" ({r.error})" if r.error else (f" ({r.note})" if r.note else "")
-            print(f"  {mark} {r.action.describe()}{tail}")
+            lines.append(f"  {mark} {r.action.describe()}{tail}")
     elif out.actions:
-        print(f"  would {verb}:" if out.status == "would-repair" else "  plan:")
-        for a in out.actions:
-            print(f"    - {a.describe()}")
+        lines.append(f"  would {verb}:" if out.status == "would-repair" else "  plan:")
+        lines += [f"    - {a.describe()}" for a in out.actions]
     if out.error and not out.results:
-        print(f"  error: {out.error}")
-    print(f"  status: {out.status}")
+        lines.append(f"  error: {out.error}")
+    lines.append(f"  status: {out.status}")
+    for line in lines:
+        print(safe_line(line))
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -192,27 +262,32 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(out.to_dict(), indent=1, default=str))
         return 0
-    print(f"{out.name or 'vm'} (pid {out.pid}), spec from {out.source}")
-    print("mounts:")
+    lines = [f"{escape_name(out.name or 'vm')} (pid {out.pid}), spec from {out.source}",
+             "mounts:"]
     for m in out.extra.get("mounts", []):
         prop = m["propagation"]
         if m.get("peer_group"):
             prop += f" peer:{m['peer_group']}"
         if m.get("master"):
             prop += f" master:{m['master']}"
-        # escaped as in mountinfo: a name with a newline must not forge a line
-        print(f"  {escape(m['target']):<32} {m['fstype']:<10} {escape(m['source']):<14} {prop}")
-    print(f"/dev ({out.extra.get('dev_fstype')}):")
+        # escaped: a name with a newline must not forge a line
+        lines.append(f"  {escape_name(m['target']):<32} {escape_name(m['fstype']):<10} "
+                     f"{escape_name(m['source']):<14} {prop}")
+    for m in out.extra.get("hidden_mounts", []):
+        lines.append(f"  (hidden) {escape_name(m['target'])} {escape_name(m['fstype'])} "
+                     f"mount id {m['id']}")
+    lines.append(f"/dev ({escape_name(out.extra.get('dev_fstype'))}):")
     for e in out.extra.get("dev", []):
-        desc = e.get("target") or f"{e.get('major', '')}{':' if 'major' in e else ''}" \
-            f"{e.get('minor', '')} {e.get('mode', '')} {e.get('uid', '')}:{e.get('gid', '')}"
+        desc = escape_name(e["target"]) if e.get("target") else (
+            f"{e.get('major', '')}{':' if 'major' in e else ''}"
+            f"{e.get('minor', '')} {e.get('mode', '')} {e.get('uid', '')}:{e.get('gid', '')}")
         mark = "  [mount]" if e.get("mount") else ""
-        print(f"  {escape(str(e['path'])):<32} {e['kind']:<4} {desc}{mark}")
-    print("drift:" if out.drifts else "drift: none")
-    for d in out.drifts:
-        print(f"  {d.describe()}")
-    for w in out.warnings:
-        print(f"warning: {w}")
+        lines.append(f"  {escape_name(e['path']):<32} {e['kind']:<4} {desc}{mark}")
+    lines.append("drift:" if out.drifts else "drift: none")
+    lines += [f"  {d.describe()}" for d in out.drifts]
+    lines += [f"warning: {w}" for w in out.warnings]
+    for line in lines:
+        print(safe_line(line))
     return 0
 
 
@@ -238,7 +313,7 @@ def cmd_run_in(args: argparse.Namespace) -> int:
     argv = list(args.command)
     if argv and argv[0] == "--":
         argv = argv[1:]
-    run_in(args.target, argv, lvdir=args.libvirt_state_dir)
+    run_in(args.target, argv, lvdir=args.libvirt_state_dir, sdir=args.state_dir)
 
 
 __all__ = [

@@ -1,14 +1,16 @@
 """One VM, end to end: host facts -> enter -> observe -> plan -> apply -> report.
 
-All namespace work for one VM happens in one worker thread: it enters the VM
-(setns through the pidfd), observes and plans; if the plan needs host-side fds
-(open_tree clones, peer-group handles) it steps back into the host namespace to
-take them and re-enters the VM through the same pidfd to apply.  No fork, no
-per-action process.
+All namespace work for one VM happens in one thread of a worker that owns its
+fs_struct: it reads the VM's mount table from the host side, enters the VM through
+the namespace fd that was checked when the target was pinned (never the pidfd: a VM
+may have unshared a namespace of its own since), observes, steps back to the host,
+plans (pure), takes host-side fds (open_tree clones, peer-group handles) on the host
+and re-enters only to apply.  No per-action process.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -21,17 +23,17 @@ from .actions import (
     MakeNode,
     MakeSymlink,
     RelinkMount,
-    RemoveEntry,
     ReplayMount,
 )
-from .errors import NoSuchProcessError, NsmountError
+from .errors import NoSuchProcessError, NsmountError, from_oserror
 from .executor import Executor, RefusedError, Result, make_hugepage_dir, prepare_host
 from .hoststate import HostState
 from .kernel import consts as C
 from .kernel import syscalls
 from .model.spec import VmSpec
 from .observe import dev_listing, observe, planted_symlinks
-from .plan import Desired, Drift, diff, plan_rebuild
+from .model.display import escape_name
+from .plan import Desired, Drift, diff, foreign_dev, plan_rebuild
 from .target import Target
 
 
@@ -92,105 +94,95 @@ class VmSession:
         self.host = host
         #: one of many VMs (reconnect): share host lookups, skip the /dev scan
         self.bulk = bulk
-        self.desired, self.skipped = host.desired(spec, pid=target.pid, cached=bulk,
-                                                  all_hugetlbfs=all_hugetlbfs)
+        desired, self.skipped = host.desired(spec, pid=target.pid, cached=bulk,
+                                             all_hugetlbfs=all_hugetlbfs)
+        self.desired = replace(desired, dev_sb=target.recorded_dev)
         self.host_devs = {h.path: dev for h in self.desired.mounts
                           if (dev := host.st_dev(h.path)) is not None}
-        self.host_dev_fs = host.st_dev("/dev")
 
-    # runs in a worker thread that already did unshare(CLONE_FS)
     def work(self, host_ns: int, *, dry_run: bool, rebuild: bool = False,
              nodes_only: bool = False, extra: list[Action] | None = None,
-             inspect: bool = False,
-             with_tree: bool = True) -> Outcome:
+             inspect: bool = False, with_tree: bool = True) -> Outcome:
+        """Observe, plan and (unless ``dry_run``) apply, for this one VM.
+
+        Runs in a thread or process that owns its fs_struct and sits in the host
+        namespace (``host_ns``); it enters the VM through the checked namespace fd
+        (never the pidfd) only to look and to act, and is back in the host namespace
+        when this returns, whatever happened.
+        """
         t0 = time.perf_counter()
         out = Outcome(self.target.pid, self.spec.name, self.spec.source)
         out.warnings += [f"skipped {s.request.path}: {s.reason}" for s in self.skipped]
         try:
-            syscalls.setns(self.target.pidfd, C.CLONE_NEWNS)
-            obs = observe(self.desired, self.host_devs, with_tree=with_tree and not nodes_only)
+            tree = self.target.mount_table() if with_tree and not nodes_only else None
+            listing: list[dict[str, object]] = []
+            syscalls.setns(self.target.nsfd, C.CLONE_NEWNS)
+            try:
+                obs = observe(self.desired, self.host_devs, tree=tree)
+                if inspect or not self.bulk:
+                    listing = dev_listing()
+            finally:
+                syscalls.setns(host_ns, C.CLONE_NEWNS)
             drifts, actions = diff(self.desired, obs)
             if nodes_only:  # hotplug: the spec holds just the new devices
                 actions = [a for a in actions if isinstance(a, _NODE_ACTIONS)]
                 drifts = [d for d in drifts if d.kind in _NODE_DRIFTS]
             if extra:
-                actions = actions + list(extra)
+                if foreign_dev(self.desired, obs):
+                    drifts.append(Drift("foreign-dev", "/dev", foreign_dev(self.desired, obs)
+                                        + ": nsmount removes nothing there", fixable=False))
+                else:
+                    actions = actions + list(extra)
             if rebuild:
                 actions = plan_rebuild(self.desired) + [a for a in actions
                                                         if isinstance(a, RelinkMount)]
-            refused: list[Action] = []
-            try:
-                shared_dev = os.stat("/dev").st_dev == self.host_dev_fs
-            except OSError:
-                shared_dev = False
-            if shared_dev and not rebuild:
-                # the VM sees the host's own /dev: a node change would land on the host
-                refused = [a for a in actions if isinstance(a, (*_NODE_ACTIONS, RemoveEntry))]
-                actions = [replace(a, make_mountpoint=False) if isinstance(a, ReplayMount)
-                           else a for a in actions if a not in refused]
-                out.warnings.append("the VM's /dev is the host's /dev (same filesystem): "
-                                    "nsmount will not change it; use repair --rebuild-dev")
-            elif obs.dev_fstype != "tmpfs" and not rebuild:
-                out.warnings.append(f"the VM's /dev is not a private tmpfs ({obs.dev_fstype}): "
-                                    "use repair --rebuild-dev to isolate it")
+                drifts = [d for d in drifts if d.kind != "foreign-dev"]
             if inspect:
                 out.extra["mounts"] = [m.to_dict() for m in obs.tree]
-                out.extra["dev"] = dev_listing()
+                out.extra["hidden_mounts"] = [m.to_dict() for m in obs.hidden]
+                out.extra["dev"] = listing
                 out.extra["dev_fstype"] = obs.dev_fstype
-            listing = out.extra.get("dev") or ([] if self.bulk else dev_listing())
             for path, tgt in planted_symlinks(listing):
-                out.warnings.append(f"symlink {path} -> {tgt} points outside /dev "
-                                    "(not followed)")
+                out.warnings.append(f"symlink {escape_name(path)} -> {escape_name(tgt)} "
+                                    "points outside /dev (not followed)")
+            for m in obs.hidden:
+                if m.propagation == "private" and any(
+                        v.mountpoint == m.mountpoint for v in obs.tree):
+                    out.warnings.append(f"mount id {m.mount_id} at "
+                                        f"{escape_name(m.mountpoint)} is hidden under another "
+                                        "mount: left alone")
             out.drifts, out.actions = drifts, actions
-            if refused:
-                out.status = "failed"
-                out.error = ("refusing to change the host's /dev: "
-                             + "; ".join(a.describe() for a in refused))
-                out.error_code = 2
-                if dry_run or not actions:
-                    return out
             unfixable = [d for d in drifts if not d.fixable]
             if dry_run or not actions:
                 out.status = "would-repair" if actions else "ok"
                 if unfixable and not dry_run:
                     self._unfixed(out, unfixable)
                 return out
-            needs_host = any(isinstance(a, (ReplayMount, RelinkMount)) for a in actions)
             prep = None
-            if needs_host:
-                syscalls.setns(host_ns, C.CLONE_NEWNS)
-                prep = prepare_host(actions)
-                self.target.check_alive()
-                syscalls.setns(self.target.pidfd, C.CLONE_NEWNS)
-            ex = Executor(prep)
+            if any(isinstance(a, (ReplayMount, RelinkMount)) for a in actions):
+                prep = prepare_host(actions)  # clones and handles, taken on the host
+            self.target.check_alive()
+            syscalls.setns(self.target.nsfd, C.CLONE_NEWNS)
+            ex = Executor(prep, dev_sb=None if rebuild else obs.dev_id)
             try:
                 out.results = ex.apply(actions)
+                if rebuild and ex.dev_sb is not None:
+                    out.extra["new_dev"] = ex.dev_sb
             finally:
                 ex.close()
                 if prep:
                     prep.close()
+                syscalls.setns(host_ns, C.CLONE_NEWNS)
             failed = [r for r in out.results if not r.ok]
-            if refused:
-                return out
             out.status = "failed" if failed else "repaired"
             if failed:
-                out.error = "; ".join(f"{r.action.describe()}: {r.error}" for r in failed)
+                out.error = "; ".join(f"{r.action.describe()}: {escape_name(r.error)}"
+                                      for r in failed)
                 out.error_code = 2
             if unfixable:
                 self._unfixed(out, unfixable)
         except (OSError, NsmountError, RefusedError) as exc:
-            out.status = "failed"
-            if isinstance(exc, OSError) and exc.errno == 3:  # ESRCH
-                exc = NoSuchProcessError(f"pid {self.target.pid} exited during the run")
-            out.error = exc.oneline() if isinstance(exc, NsmountError) else (
-                f"{exc.strerror or exc}" + (f" {exc.filename}" if getattr(exc, "filename", None)
-                                            else "") if isinstance(exc, OSError) else str(exc))
-            out.error_code = getattr(exc, "exit_code", 2)
-            try:
-                self.target.check_alive()
-            except NoSuchProcessError as gone:
-                out.error = gone.oneline()
-                out.error_code = gone.exit_code
+            failure(out, exc, self.target)
         finally:
             out.seconds = time.perf_counter() - t0
         return out
@@ -201,6 +193,26 @@ class VmSession:
         msg = "not fixed: " + "; ".join(d.describe() for d in unfixable)
         out.error = f"{out.error}; {msg}" if out.error else msg
         out.error_code = 2
+
+
+def failure(out: Outcome, exc: BaseException, target: Target | None = None) -> Outcome:
+    """Turn an exception into this VM's failed outcome (the one place that does)."""
+    out.status = "failed"
+    if isinstance(exc, OSError) and exc.errno == errno.ESRCH:
+        exc = NoSuchProcessError(f"pid {out.pid} exited during the run")
+    if isinstance(exc, NsmountError):
+        out.error, out.error_code = exc.oneline(), exc.exit_code
+    elif isinstance(exc, OSError):
+        err = from_oserror(exc, "system error")
+        out.error, out.error_code = err.oneline(), 2
+    else:
+        out.error, out.error_code = str(exc), 2
+    if target is not None:
+        try:
+            target.check_alive()
+        except NoSuchProcessError as gone:
+            out.error, out.error_code = gone.oneline(), gone.exit_code
+    return out
 
 
 _NODE_ACTIONS = (MakeDir, MakeNode, FixNode, MakeSymlink)

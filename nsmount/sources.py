@@ -15,6 +15,7 @@ from dataclasses import replace
 from .errors import NoRecordError, NoSuchProcessError, SpecError, TargetError
 from .model import record
 from .model.spec import VmSpec
+from .statefile import MAX_PIDFILE, MAX_XML, read_state_file, read_state_text
 from .target import Target
 
 DEFAULT_LIBVIRT_STATE_DIR = "/run/libvirt/qemu"
@@ -27,12 +28,12 @@ def libvirt_state_dir(override: str | None = None) -> str:
 
 def read_pidfile(path: str) -> int:
     try:
-        with open(path) as fh:
-            text = fh.read().strip()
+        raw = read_state_file(path, limit=MAX_PIDFILE)
     except FileNotFoundError:
         raise TargetError(f"no libvirt state file {path}",
                           hint="is the domain running? check --libvirt-state-dir") from None
-    if not text.isdigit():
+    text = raw.strip()
+    if not (text.isdigit() and len(text) < 12):
         raise SpecError(f"{path}: not a pid: {text[:40]!r}")
     return int(text)
 
@@ -40,8 +41,7 @@ def read_pidfile(path: str) -> int:
 def libvirt_status(name: str, lvdir: str | None = None) -> tuple[int, VmSpec] | None:
     path = os.path.join(libvirt_state_dir(lvdir), f"{name}.xml")
     try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
+        text = read_state_text(path, limit=MAX_XML)
     except FileNotFoundError:
         return None
     from .model.libvirt_xml import spec_from_status_xml
@@ -71,10 +71,10 @@ def looks_like_qemu(cmdline: bytes) -> bool:
 def spec_for(target: Target, *, explicit: VmSpec | None = None, domain: str | None = None,
              lvdir: str | None = None, sdir: str | None = None) -> VmSpec:
     """The VmSpec for ``target`` from the most trusted available source."""
+    rec = check_record(target, sdir)
     if explicit is not None:
         return explicit
-    rec = record.read(target.pid, sdir)
-    if rec is not None and rec.starttime == target.starttime:
+    if rec is not None:
         return rec.spec
     if domain is not None:
         st = libvirt_status(domain, lvdir)
@@ -99,9 +99,27 @@ def spec_for(target: Target, *, explicit: VmSpec | None = None, domain: str | No
                         "of it")
 
 
-def update_record(target: Target, spec: VmSpec, sdir: str | None = None) -> None:
+def check_record(target: Target, sdir: str | None = None) -> record.Record | None:
+    """nsmount's launch record of ``target`` (None when it has none, or the pid's record
+    is of an earlier process); refuses a VM that left the recorded namespace and tells
+    the target which /dev tmpfs nsmount built."""
+    rec = record.read(target.pid, sdir)
+    if rec is None or rec.starttime != target.starttime:
+        return None
+    target.expect_namespace(rec.mntns, rec.dev)
+    return rec
+
+
+def update_record(target: Target, spec: VmSpec, sdir: str | None = None, *,
+                  dev: int | None = None) -> None:
     """Store ``spec`` as what this VM should have (after hotplug)."""
-    old = record.read(target.pid, sdir)
-    subs = old.submounts if old is not None and old.starttime == target.starttime else ()
-    record.write(record.Record(target.pid, target.starttime,
-                               replace(spec, source="record"), subs), sdir)
+    try:
+        old = record.read(target.pid, sdir)
+    except SpecError:
+        old = None  # a corrupt record is replaced by a good one
+    if old is not None and old.starttime != target.starttime:
+        old = None
+    record.write(record.Record(
+        target.pid, target.starttime, replace(spec, source="record"),
+        old.submounts if old else (), target.mntns,
+        dev if dev is not None else (old.dev if old else None)), sdir)

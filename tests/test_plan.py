@@ -25,7 +25,7 @@ def desired(**kw: object) -> Desired:
 
 
 def clean_observed(d: Desired) -> Observed:
-    obs = Observed()
+    obs = Observed(dev_id=99)  # a private tmpfs: mounted nowhere in the host
     for path in ("/dev/disk", "/dev/disk/by-id"):
         obs.entries[path] = Entry(path, "dir", mode=0o755)
     for e in d.entries:
@@ -173,3 +173,51 @@ def test_actions_serialise() -> None:
     for a in plan_launch(desired(), ("/dev/pts",)):
         d = a.to_dict()
         assert d["action"] == a.name and isinstance(d["description"], str)
+
+
+def test_dev_that_is_not_the_vms_own_is_never_written() -> None:
+    """A bind of a host dir, the host's /dev, the root fs's /dev directory, a ramfs,
+    a tmpfs other than the one recorded at launch: foreign-dev, no /dev action."""
+    d = desired(host_devs=frozenset({5, 6}))
+    cases = {
+        "host tmpfs": dict(dev_id=5),
+        "root fs directory": dict(dev_id=99, dev_mount_root=False),
+        "ramfs": dict(dev_id=99, dev_fstype="ramfs"),
+        "missing": dict(dev_id=None, dev_fstype="missing"),
+    }
+    for why, fields in cases.items():
+        obs = Observed(**fields)  # type: ignore[arg-type]
+        for h in d.mounts:
+            obs.mounts[h.path] = MountState(h.path, "missing-mountpoint")
+        drifts, acts = diff(d, obs)
+        assert [x.kind for x in drifts if not x.fixable][0] == "foreign-dev", why
+        assert not [a for a in acts if isinstance(a, (MakeNode, MakeDir, MakeSymlink,
+                                                      FixNode))], why
+        # mount points are not created there either: unfixable, nothing planned
+        assert not [a for a in acts if isinstance(a, ReplayMount)], why
+    # recorded at launch: only that superblock is the VM's own
+    rec = desired(dev_sb=42)
+    obs = clean_observed(rec)
+    obs.dev_id = 43
+    assert diff(rec, obs)[0][0].kind == "foreign-dev"
+    obs.dev_id = 42
+    assert diff(rec, obs) == ([], [])
+
+
+def test_stacked_mounts_only_the_top_is_visible_and_relinked() -> None:
+    from nsmount.model.mountinfo import MountTree, parse
+
+    tree = MountTree(parse(
+        "1 0 8:1 / / rw shared:1 - ext4 /dev/sda rw\n"
+        "2 1 0:5 / /proc rw - proc proc rw\n"
+        "3 2 0:5 / /proc rw - proc proc rw\n"
+        "4 3 0:6 / /proc/sys/fs/binfmt_misc rw - autofs a rw\n"
+        "5 4 0:7 / /proc/sys/fs/binfmt_misc rw - binfmt_misc b rw\n"))
+    assert [m.mount_id for m in tree.visible()] == [1, 3, 5]
+    assert [m.mount_id for m in tree.hidden()] == [2, 4]
+    host = parse_line("9 1 0:5 / /proc rw shared:7 - proc proc rw")
+    d = desired(host_mounts=(host,))
+    obs = clean_observed(d)
+    obs.tree = tuple(tree.visible())
+    drifts, acts = diff(d, obs)
+    assert [a for a in acts if isinstance(a, RelinkMount)] == [RelinkMount("/proc")]

@@ -17,11 +17,15 @@ SYS_fspick = 433
 SYS_pidfd_open = 434
 SYS_openat2 = 437
 SYS_mount_setattr = 442
+SYS_fchmodat2 = 452
+SYS_setxattrat = 463
 
 if _MACHINE in ("x86_64", "amd64"):
     SYS_setns, SYS_unshare, SYS_mount, SYS_umount2 = 308, 272, 165, 166
+    SYS_execveat = 322
 elif _MACHINE in ("aarch64", "arm64"):
     SYS_setns, SYS_unshare, SYS_mount, SYS_umount2 = 268, 97, 40, 39
+    SYS_execveat = 281
 else:  # pragma: no cover - other architectures are not supported yet
     raise ImportError(f"nsmount: unsupported architecture {_MACHINE}")
 
@@ -29,6 +33,10 @@ else:  # pragma: no cover - other architectures are not supported yet
 CLONE_FS = 0x00000200
 CLONE_NEWNS = 0x00020000
 CLONE_NEWPID = 0x20000000
+CLONE_NEWUSER = 0x10000000
+
+# ioctl_ns(2): _IO(0xb7, 0x1) -> an fd of the user namespace owning a namespace
+NS_GET_USERNS = 0xB701
 
 # mount(2)
 MS_RDONLY = 0x1
@@ -93,6 +101,7 @@ RESOLVE_IN_ROOT = 0x10
 HUGETLBFS_MAGIC = 0x958458F6
 TMPFS_MAGIC = 0x01021994
 DEVPTS_MAGIC = 0x1CD1
+PROC_SUPER_MAGIC = 0x9FA0
 
 # statx
 STATX_MNT_ID = 0x1000

@@ -31,13 +31,40 @@ def split(rel: str) -> tuple[str, str]:
     return head, tail
 
 
-def open_path(base: int, rel: str, flags: int = os.O_PATH | os.O_NOFOLLOW) -> int:
-    """Open ``rel`` beneath ``base`` refusing every symlink on the way."""
+#: longest relative path handed to one openat2 call; longer ones (the kernel allows
+#: paths of any length, built component by component) are walked in pieces
+_CHUNK = 3072
+
+
+def open_path(base: int, rel: str, flags: int = os.O_PATH | os.O_NOFOLLOW,
+              resolve: int = SAFE_RESOLVE) -> int:
+    """Open ``rel`` beneath ``base`` refusing every symlink on the way (the one safe
+    resolver: every lookup in a VM's namespace goes through here).  Paths longer than
+    PATH_MAX are walked in pieces, each beneath the directory the previous one reached."""
     rel = rel.strip("/")
     if not rel:
         return os.dup(base) if flags & os.O_PATH else syscalls.openat2(base, ".", flags,
-                                                                        SAFE_RESOLVE)
-    return syscalls.openat2(base, rel, flags, SAFE_RESOLVE)
+                                                                        resolve)
+    if len(os.fsencode(rel)) <= _CHUNK:
+        return syscalls.openat2(base, rel, flags, resolve)
+    comps = [c for c in rel.split("/") if c]
+    cur = os.dup(base)
+    try:
+        while comps:
+            piece: list[str] = []
+            size = 0
+            while comps and (not piece or size + len(os.fsencode(comps[0])) + 1 <= _CHUNK):
+                size += len(os.fsencode(comps[0])) + 1
+                piece.append(comps.pop(0))
+            last = not comps
+            nxt = syscalls.openat2(cur, "/".join(piece), flags if last else _O_PATH_DIR,
+                                   resolve)
+            os.close(cur)
+            cur = nxt
+        return cur
+    except BaseException:
+        os.close(cur)
+        raise
 
 
 def open_dir(base: int, rel: str) -> int:
@@ -83,16 +110,16 @@ def ensure_dirs(base: int, rel: str, mode: int = 0o755,
         for comp in [c for c in rel.split("/") if c]:
             done.append(comp)
             try:
-                nxt = syscalls.openat2(cur, comp, _O_PATH_DIR, SAME_MOUNT)
+                nxt = open_path(cur, comp, _O_PATH_DIR, SAME_MOUNT)
             except FileNotFoundError:
                 try:
                     os.mkdir(comp, mode, dir_fd=cur)
                     created.append("/".join(done))
                 except FileExistsError:
                     pass  # raced with someone: reopen and verify below
-                nxt = syscalls.openat2(cur, comp, _O_PATH_DIR, SAME_MOUNT)
+                nxt = open_path(cur, comp, _O_PATH_DIR, SAME_MOUNT)
                 if created and created[-1] == "/".join(done):
-                    os.chmod(_fdpath(nxt), mode)  # umask-proof
+                    chmod_fd(nxt, mode)  # umask-proof
                     if uid is not None or gid is not None:
                         syscalls.fchown_empty(nxt, -1 if uid is None else uid,
                                               -1 if gid is None else gid)
@@ -110,10 +137,67 @@ def ensure_dirs(base: int, rel: str, mode: int = 0o755,
         raise
 
 
-def _fdpath(fd: int) -> str:
-    """The magic link of an fd of ours: chmod/setxattr through it reach exactly the
-    inode we verified, never what a path points at now."""
-    return f"/proc/thread-self/fd/{fd}"
+def _open_host_proc() -> int:
+    try:
+        fd = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return -1  # no procfs: only the fchmodat2/setxattrat-less fallbacks fail
+    if syscalls.fstatfs(fd)[0] != C.PROC_SUPER_MAGIC:
+        os.close(fd)
+        return -1
+    return fd
+
+
+#: the host's procfs, opened when this module is first imported -- always in the
+#: host namespace, before any setns.  Magic links ``thread-self/fd/N`` are resolved
+#: from here, never through the ``/proc`` a VM may have covered with its own files.
+HOST_PROC = _open_host_proc()
+
+
+def _magic(fd: int) -> str:
+    return f"thread-self/fd/{fd}"
+
+
+def chmod_fd(fd: int, mode: int) -> None:
+    """chmod exactly the inode ``fd`` refers to.  ``fchmodat2(AT_EMPTY_PATH)`` resolves
+    no path; on kernels without it (< 6.6) the magic link is taken from the host's
+    procfs fd, never from the namespace's ``/proc``."""
+    try:
+        syscalls.fchmod_empty(fd, mode & 0o7777)
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+    os.chmod(_magic(fd), mode & 0o7777, dir_fd=HOST_PROC)
+
+
+def setxattr_fd(fd: int, key: str, value: bytes) -> None:
+    """setxattr on the inode ``fd`` (an O_PATH fd is fine) refers to, through the
+    host procfs: ``setxattrat(HOST_PROC, "thread-self/fd/N")`` (6.13+), else with the
+    calling thread's cwd moved to the host procfs for the call."""
+    try:
+        syscalls.setxattrat(HOST_PROC, _magic(fd), key, value)
+        return
+    except OSError as exc:
+        if exc.errno != errno.ENOSYS:
+            raise
+    saved = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fchdir(HOST_PROC)
+        os.setxattr(_magic(fd), key, value)
+    finally:
+        os.fchdir(saved)
+        os.close(saved)
+
+
+_tmp_seq = 0
+
+
+def _tmp_name() -> str:
+    """A short temporary name (a long leaf name plus a prefix would pass NAME_MAX)."""
+    global _tmp_seq
+    _tmp_seq += 1
+    return f".nsm{os.getpid()}.{_tmp_seq}"
 
 
 def make_node(pfd: int, name: str, kind: int, rdev: int, mode: int, uid: int, gid: int,
@@ -124,7 +208,7 @@ def make_node(pfd: int, name: str, kind: int, rdev: int, mode: int, uid: int, gi
     an O_PATH fd, then renamed into place: the path never shows a half-made node
     and a replaced entry (e.g. a planted symlink) is never followed.
     """
-    tmp = f".nsmount-{os.getpid()}-{name}"
+    tmp = _tmp_name()
     try:
         os.unlink(tmp, dir_fd=pfd)
     except FileNotFoundError:
@@ -156,10 +240,10 @@ def set_attrs(pfd: int, name: str, kind: int, rdev: int | None, mode: int, uid: 
         if stat.S_IFMT(st.st_mode) != kind or (rdev is not None and st.st_rdev != rdev):
             raise OSError(errno.EEXIST, "unexpected file type (swapped under us?)", name)
         syscalls.fchown_empty(fd, uid, gid)
-        os.chmod(_fdpath(fd), mode & 0o7777)
+        chmod_fd(fd, mode)
         for key, val in xattrs:
             try:
-                os.setxattr(_fdpath(fd), key, val)
+                setxattr_fd(fd, key, val)
             except OSError as exc:
                 if exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
                     raise
@@ -175,7 +259,7 @@ def symlink_at(pfd: int, name: str, target: str) -> bool:
             return False
     except (FileNotFoundError, OSError):
         pass
-    tmp = f".nsmount-{os.getpid()}-{name}"
+    tmp = _tmp_name()
     try:
         os.unlink(tmp, dir_fd=pfd)
     except FileNotFoundError:
@@ -189,15 +273,6 @@ def symlink_at(pfd: int, name: str, target: str) -> bool:
     return True
 
 
-def remove_at(pfd: int, name: str) -> bool:
-    """unlinkat a non-directory entry; False if already gone."""
-    try:
-        os.unlink(name, dir_fd=pfd)
-        return True
-    except FileNotFoundError:
-        return False
-
-
 def mount_id(fd: int, rel: str = "") -> tuple[int, bool]:
     return syscalls.statx_mount(fd, rel)
 
@@ -207,8 +282,7 @@ def dir_ready(mfd: int, rel: str, mode: int, uid: int, gid: int) -> bool:
     mount (no symlink, no mount crossed) with this owner and mode: the fast path that
     lets reconnect skip the full symlink-proof walk on its second and later runs."""
     try:
-        fd = syscalls.openat2(mfd, rel.strip("/"), os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW,
-                              SAME_MOUNT)
+        fd = open_path(mfd, rel, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, SAME_MOUNT)
     except OSError:
         return False
     try:

@@ -172,6 +172,53 @@ def fchown_empty(fd: int, uid: int, gid: int) -> None:
     _check(_libc.fchownat(fd, b"", uid, gid, C.AT_EMPTY_PATH), f"<fd {fd}>")
 
 
+def fchmod_empty(fd: int, mode: int) -> None:
+    """chmod the object an O_PATH fd refers to: ``fchmodat2(fd, "", mode, AT_EMPTY_PATH)``
+    (6.6+).  No path is resolved at all, so nothing mounted in a VM matters."""
+    _check(_syscall(_LONG(C.SYS_fchmodat2), _INT(fd), b"", _UINT(mode), _INT(C.AT_EMPTY_PATH)),
+           f"<fd {fd}>")
+
+
+class XattrArgs(ctypes.Structure):
+    _fields_ = [("value", ctypes.c_uint64), ("size", ctypes.c_uint32),
+                ("flags", ctypes.c_uint32)]
+
+
+def setxattrat(dirfd: int, path: str, name: str, value: bytes, at_flags: int = 0) -> None:
+    """``setxattrat(2)`` (6.13+): set an xattr on ``path`` resolved from ``dirfd``."""
+    buf = ctypes.create_string_buffer(value, len(value))
+    args = XattrArgs(ctypes.addressof(buf), len(value), 0)
+    _check(_syscall(_LONG(C.SYS_setxattrat), _INT(dirfd), _fs(path), _UINT(at_flags),
+                    _fs(name), ctypes.byref(args), ctypes.c_size_t(ctypes.sizeof(args))),
+           path or f"<fd {dirfd}>")
+
+
+def execveat(fd: int, argv: list[str], env: dict[str, str]) -> None:
+    """Execute the file an fd refers to (opened before entering a namespace):
+    ``execveat(fd, "", argv, envp, AT_EMPTY_PATH)``.  Returns only on error."""
+    def cargs(items: list[bytes]) -> ctypes.Array[ctypes.c_char_p]:
+        arr = (ctypes.c_char_p * (len(items) + 1))()
+        for i, item in enumerate(items):
+            arr[i] = item
+        arr[len(items)] = None
+        return arr
+
+    a = cargs([os.fsencode(x) for x in argv])
+    e = cargs([os.fsencode(f"{k}={v}") for k, v in env.items()])
+    _check(_syscall(_LONG(C.SYS_execveat), _INT(fd), b"", a, e, _INT(C.AT_EMPTY_PATH)),
+           argv[0] if argv else None)
+
+
+def ns_owner(ns_fd: int) -> int:
+    """fd of the user namespace that owns the namespace ``ns_fd`` (``NS_GET_USERNS``)."""
+    import fcntl
+
+    try:
+        return fcntl.ioctl(ns_fd, C.NS_GET_USERNS)
+    except OSError as exc:
+        raise OSError(exc.errno, os.strerror(exc.errno or 0), f"<ns fd {ns_fd}>") from None
+
+
 # ------------------------------------------------------------------ probes
 _PROBED: dict[str, bool] = {}
 FEATURES: Final = ("open_tree", "move_mount_beneath", "mount_setattr", "openat2", "fsopen",

@@ -6,6 +6,8 @@ import os
 import stat
 from dataclasses import dataclass, field
 
+from .display import escape_name
+
 KINDS = {stat.S_IFCHR: "chr", stat.S_IFBLK: "blk", stat.S_IFDIR: "dir", stat.S_IFLNK: "lnk",
          stat.S_IFREG: "reg", stat.S_IFIFO: "fifo", stat.S_IFSOCK: "sock"}
 KIND_BITS = {v: k for k, v in KINDS.items()}
@@ -58,7 +60,7 @@ class Entry:
 
     def describe(self) -> str:
         if self.kind == "lnk":
-            return f"symlink -> {self.target}"
+            return f"symlink -> {escape_name(self.target)}"
         if self.is_device:
             return (f"{self.kind} {self.major}:{self.minor} {self.mode:04o} "
                     f"{self.uid}:{self.gid}")

@@ -64,14 +64,15 @@ def dev_submounts(tree: MountTree) -> list[Mount]:
     if dev is None:
         return []
     out: dict[str, Mount] = {}
-    for m in tree.visible():
-        parent = tree.by_id.get(m.parent_id)
-        if parent is None or not is_strictly_within(m.mountpoint, "/dev"):
+    for m in tree.visible():  # only the top of a stack is visible
+        if not is_strictly_within(m.mountpoint, "/dev"):
             continue
-        # a child of /dev itself, or stacked on such a child at the same path
-        if parent.mount_id == dev.mount_id or (
-                parent.mountpoint == m.mountpoint and m.mountpoint in out):
-            out[m.mountpoint] = m  # later (stacked) ones win: the visible top
+        bottom = m  # a child of /dev itself, or stacked on such a child at the same path
+        while (parent := tree.by_id.get(bottom.parent_id)) is not None and \
+                parent.mountpoint == bottom.mountpoint and parent is not bottom:
+            bottom = parent
+        if bottom.parent_id == dev.mount_id:
+            out[m.mountpoint] = m
     return list(out.values())
 
 

@@ -201,7 +201,10 @@ class MountTree:
 
         A mount is hidden when a later sibling mount sits on its mount point or on an
         ancestor directory of it (e.g. hugetlbfs propagated under a VM's old /dev that
-        the VM's new /dev tmpfs covers).  "Later" is mountinfo order (mount order):
+        the VM's new /dev tmpfs covers), and when a mount is stacked on it at the same
+        mount point (its child with its own mount point: two mounts at /proc, autofs
+        under binfmt_misc): then only the top of the stack is reachable, and so are
+        only the mounts made on that top.  "Later" is mountinfo order (mount order):
         mount ids are recycled and say nothing about age.  Linear in the number of
         mounts times path depth; computed once per tree.
         """
@@ -212,10 +215,18 @@ class MountTree:
         stack = [root] if root is not None else []
         while stack:
             m = stack.pop()
+            kids = self.children.get(m.mount_id, [])
+            top = None
+            for k in kids:
+                if k.mountpoint == m.mountpoint:
+                    top = k  # the last one stacked at the same place covers m
+            if top is not None:
+                stack.append(top)
+                continue
             out.append(m)
             later: set[str] = set()
             keep: list[Mount] = []
-            for k in reversed(self.children.get(m.mount_id, [])):
+            for k in reversed(kids):
                 if not _covered_by(k.mountpoint, later):
                     keep.append(k)
                 later.add(k.mountpoint)
@@ -223,6 +234,10 @@ class MountTree:
         self._visible = out
         return out
 
+    def hidden(self) -> list[Mount]:
+        """Mounts listed in the table that no path reaches (covered by another)."""
+        vis = {m.mount_id for m in self.visible()}
+        return [m for m in self.mounts if m.mount_id not in vis]
 
 
 def _covered_by(path: str, later: set[str]) -> bool:

@@ -1,8 +1,12 @@
 """Launch records: what nsmount built for a VM, kept under the state dir.
 
 ``<state>/vms/<pid>.json`` holds the pid, its start time (so a reused pid is never
-mistaken for the VM), the spec and the submounts preserved at launch.  Later
-repair/reconnect runs read it to know what the VM should have.
+mistaken for the VM), the spec, the submounts preserved at launch, the identity of
+the mount namespace nsmount made (``mntns``: st_dev, st_ino of ``/proc/PID/ns/mnt``)
+and of the ``/dev`` tmpfs it built (``dev``: its st_dev).  Later runs refuse a VM
+whose namespace is not the recorded one and write only into the recorded ``/dev``.
+Records are read as untrusted files (:mod:`nsmount.statefile`): a record whose file
+name and content disagree on the pid is refused.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import SpecError
+from ..statefile import MAX_RECORD, read_state_text
 from .spec import VmSpec
 
 DEFAULT_STATE_DIR = "/run/nsmount"
@@ -30,20 +35,30 @@ class Record:
     starttime: int
     spec: VmSpec
     submounts: tuple[str, ...] = ()
+    mntns: tuple[int, int] | None = None  # (st_dev, st_ino) of the namespace
+    dev: int | None = None  # st_dev of the /dev tmpfs nsmount built
 
     def to_json(self) -> str:
-        return json.dumps({"pid": self.pid, "starttime": self.starttime,
-                           "spec": self.spec.to_dict(), "submounts": list(self.submounts)},
-                          indent=1, sort_keys=True)
+        d: dict[str, Any] = {"pid": self.pid, "starttime": self.starttime,
+                             "spec": self.spec.to_dict(), "submounts": list(self.submounts)}
+        if self.mntns is not None:
+            d["mntns"] = list(self.mntns)
+        if self.dev is not None:
+            d["dev"] = self.dev
+        return json.dumps(d, indent=1, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> Record:
         try:
             d: Any = json.loads(text)
+            ns = d.get("mntns")
+            dev = d.get("dev")
             return cls(pid=int(d["pid"]), starttime=int(d["starttime"]),
                        spec=VmSpec.from_dict(d["spec"], source="record"),
-                       submounts=tuple(str(s) for s in d.get("submounts", ())))
-        except (ValueError, KeyError, TypeError) as exc:
+                       submounts=tuple(str(s) for s in d.get("submounts", ())),
+                       mntns=(int(ns[0]), int(ns[1])) if ns is not None else None,
+                       dev=int(dev) if dev is not None else None)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
             raise SpecError(f"corrupt launch record: {exc}") from None
 
 
@@ -85,30 +100,47 @@ def write(rec: Record, sdir: str | None = None) -> str:
 
 
 def read(pid: int, sdir: str | None = None) -> Record | None:
+    """The record of ``pid``, None when there is none; SpecError when it is not a small
+    regular file of valid JSON naming that same pid."""
+    path = record_path(pid, sdir)
     try:
-        with open(record_path(pid, sdir)) as fh:
-            return Record.from_json(fh.read())
+        text = read_state_text(path, limit=MAX_RECORD)
     except FileNotFoundError:
         return None
+    try:
+        rec = Record.from_json(text)
+    except SpecError as exc:
+        raise SpecError(f"{path}: {exc}") from None
+    if rec.pid != pid:
+        raise SpecError(f"{path}: names pid {rec.pid}, not {pid} (file name and content "
+                        "disagree); ignoring it")
+    return rec
 
 
 def remove(pid: int, sdir: str | None = None) -> None:
+    """Drop the record of a VM that exited."""
     try:
         os.unlink(record_path(pid, sdir))
     except FileNotFoundError:
         pass
 
 
-def scan(sdir: str | None = None) -> Iterator[Record]:
+def scan(sdir: str | None = None) -> Iterator[tuple[int, Record | SpecError]]:
+    """Every ``<pid>.json`` under the state dir: (pid, record) or (pid, why it is bad)."""
     d = os.path.join(state_dir(sdir), "vms")
     try:
         names = os.listdir(d)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return
-    for n in names:
-        if n.endswith(".json") and n[:-5].isdigit():
-            try:
-                with open(os.path.join(d, n)) as fh:
-                    yield Record.from_json(fh.read())
-            except (OSError, SpecError):
-                continue
+    for n in sorted(names):
+        if not (n.endswith(".json") and n[:-5].isascii() and n[:-5].isdigit()
+                and len(n) < 30):
+            continue
+        pid = int(n[:-5])
+        try:
+            rec = read(pid, sdir)
+        except SpecError as exc:
+            yield pid, exc
+            continue
+        if rec is not None:
+            yield pid, rec
