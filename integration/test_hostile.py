@@ -50,7 +50,7 @@ directory_at_node                      directory at /dev/full: replace fails "Is
 regular_file_at_mount_point            file at /dev/hugepages: "removed planted       1
                                        file", hugetlbfs replayed once
 bind_of_etc_at_parent_dir              bind of /etc at /dev/vfio, node below needed:  2
-                                       refused "not on the VM's /dev tmpfs"
+                                       refused "not on the VM's own /dev tmpfs"
 bind_of_etc_at_mount_point             bind of /etc at /dev/hugepages: repair shows   2
                                        drift foreign-mount (no stacking, exit 2);
                                        reconnect fails "not a hugetlbfs" (exit 2)
@@ -70,12 +70,12 @@ newline_and_space_in_mount_points      tmpfs at "/mnt/a b\\nc", hugetlbfs at    
                                        exactly, reconnect replays, rerun 0
 huge_dev_listing                       20000 files in /dev/shm, 6000 in /dev/junk:    0
                                        inspect/repair fast, shm not walked
-dev_not_a_tmpfs                        VM /dev is a ramfs: warning "not a private     1
-                                       tmpfs"; --rebuild-dev swaps in a tmpfs
+dev_not_a_tmpfs                        VM /dev is a ramfs: drift foreign-dev, nothing 2
+                                       written; --rebuild-dev swaps in a tmpfs
                                        (MOVE_MOUNT_BENEATH, not stacked); rerun 0
-dev_shared_with_host                   VM /dev is the host's /dev superblock:         0
-                                       warning, node changes refused  [fixed: no
-                                       warning, would have written the host /dev]
+dev_shared_with_host                   VM /dev is the host's /dev superblock:         2
+                                       drift foreign-dev, nothing written  [fixed:
+                                       would have written the host /dev]
 lock_file_symlink                      lock file -> /etc/shadow: repair refuses       4/2
                                        (ELOOP, exit 4); reconnect fails that VM,
                                        repairs the other  [fixed: whole reconnect
@@ -458,7 +458,7 @@ vm = start_vm(devices=["/dev/vfio/vfio"], hugepages=False)
 g = Guard()
 invm(vm.pid, "rm -rf /dev/vfio; mkdir /dev/vfio; mount --bind /etc /dev/vfio")
 rc, o, _ = nsm_json("repair", vm.pid)
-assert rc == 2 and "not on the VM's /dev tmpfs" in o["error"], o
+assert rc == 2 and "not on the VM's own /dev tmpfs" in o["error"], o
 assert not os.path.exists("/etc/vfio")
 rc2, rep, _ = nsm_json("reconnect", vm.pid)
 assert rc2 == 2, rep
@@ -579,7 +579,8 @@ for _ in range(200):
 g = Guard()
 n_dev = vm_mounts_at(p.pid, "/dev")
 rc, o, _ = nsm_json("repair", "--spec", "/run/y.toml", p.pid)
-assert rc == 1 and any("not a private tmpfs" in w for w in o["warnings"]), o
+assert rc == 2 and o["drift"][0]["kind"] == "foreign-dev", o
+assert "ramfs" in o["drift"][0]["detail"] and not o["results"], o
 rc, o, _ = nsm_json("repair", "--rebuild-dev", "--spec", "/run/y.toml", p.pid)
 assert rc == 1 and o["results"][0]["action"] == "SwapDev", o
 assert nsm("repair", "--spec", "/run/y.toml", p.pid).returncode == 0
@@ -593,7 +594,8 @@ p = subprocess.Popen(["unshare", "-m", "--propagation", "slave", "sleep", "1000"
 time.sleep(0.3)
 g = Guard()
 rc, o, _ = nsm_json("repair", "--spec", "/run/y.toml", p.pid)
-assert rc == 0 and any("is the host's /dev" in w for w in o["warnings"]), o
+assert rc == 2 and [d["kind"] for d in o["drift"]] == ["foreign-dev"], o
+assert "host namespace" in o["drift"][0]["detail"] and not o["results"], o
 problems = g.check()
 """)
 

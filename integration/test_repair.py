@@ -345,10 +345,11 @@ def test_bad_targets() -> None:
             one_line_error(nsm("repair", plain.pid), 11, "--spec")
             rc, doc = nsm_json("inspect", plain.pid, "--spec", "/run/spec-x.toml", rc=0)
             assert doc["source"] == "spec", doc
-            assert any("host's /dev" in w for w in doc["warnings"]), doc["warnings"]
-            # its /dev is the sandbox's own (nothing missing there): clean, with a warning
-            rc, doc = nsm_json("repair", plain.pid, "--spec", "/run/spec-x.toml", rc=0)
-            assert any("host's /dev" in w for w in doc["warnings"]), doc["warnings"]
+            assert [d["kind"] for d in doc["drift"]] == ["foreign-dev"], doc["drift"]
+            # its /dev is the sandbox host's own: nsmount writes nothing there, fails
+            rc, doc = nsm_json("repair", plain.pid, "--spec", "/run/spec-x.toml", rc=2)
+            assert [d["kind"] for d in doc["drift"]] == ["foreign-dev"], doc["drift"]
+            assert "host namespace" in doc["drift"][0]["detail"], doc["drift"]
             assert vm_state(plain.pid) == plain_before
 
             # libvirt domain names

@@ -52,7 +52,14 @@ def run_hook(argv: list[str], stdin_text: str, *, lvdir: str | None = None) -> i
 
 
 def cmd_hook(args: argparse.Namespace) -> int:
-    text = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
+    from .statefile import MAX_XML
+
+    # libvirt writes the domain XML and closes stdin; a bigger one is not libvirt's
+    text = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read(MAX_XML + 1)
+    if len(text) > MAX_XML:
+        print(f"nsmount: domain XML on stdin is larger than {MAX_XML} bytes; ignored",
+              file=sys.stderr)
+        text = ""
     return run_hook(list(args.hook_args), text)
 
 

@@ -49,6 +49,7 @@ def pinned(target: str | int, *, explicit: VmSpec | None = None, lvdir: str | No
         if t.name is None and spec.name:
             t.name = spec.name
         with vm_lock(t.pid, t.starttime, sdir=sdir, timeout=timeout):
+            t.check_alive()  # it may have exited while we waited for the lock
             yield t, spec
 
 

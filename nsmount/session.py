@@ -114,6 +114,8 @@ class VmSession:
         out = Outcome(self.target.pid, self.spec.name, self.spec.source)
         out.warnings += [f"skipped {s.request.path}: {s.reason}" for s in self.skipped]
         try:
+            # the namespace fd keeps a dead VM's namespace alive: never repair that one
+            self.target.check_alive()
             tree = self.target.mount_table() if with_tree and not nodes_only else None
             listing: list[dict[str, object]] = []
             syscalls.setns(self.target.nsfd, C.CLONE_NEWNS)
@@ -134,9 +136,16 @@ class VmSession:
                 else:
                     actions = actions + list(extra)
             if rebuild:
-                actions = plan_rebuild(self.desired) + [a for a in actions
-                                                        if isinstance(a, RelinkMount)]
-                drifts = [d for d in drifts if d.kind != "foreign-dev"]
+                # plan as if /dev already were the fresh tmpfs the swap puts there: the
+                # mounts the old one lacked are replayed into the new one afterwards
+                fresh = replace(obs, dev_fstype="tmpfs", dev_id=0, dev_mount_root=True)
+                drifts2, acts2 = diff(replace(self.desired, dev_sb=None,
+                                              host_devs=frozenset()), fresh)
+                actions = plan_rebuild(self.desired) + [
+                    a for a in acts2 if isinstance(a, (RelinkMount, ReplayMount))]
+                drifts = [replace(d, fixable=True) for d in drifts
+                          if d.kind == "foreign-dev"] + [
+                    d for d in drifts2 if d.kind in _MOUNT_DRIFTS]
             if inspect:
                 out.extra["mounts"] = [m.to_dict() for m in obs.tree]
                 out.extra["hidden_mounts"] = [m.to_dict() for m in obs.hidden]
@@ -176,8 +185,7 @@ class VmSession:
             failed = [r for r in out.results if not r.ok]
             out.status = "failed" if failed else "repaired"
             if failed:
-                out.error = "; ".join(f"{r.action.describe()}: {escape_name(r.error)}"
-                                      for r in failed)
+                out.error = "; ".join(f"{r.action.describe()}: {r.error}" for r in failed)
                 out.error_code = 2
             if unfixable:
                 self._unfixed(out, unfixable)
@@ -216,6 +224,8 @@ def failure(out: Outcome, exc: BaseException, target: Target | None = None) -> O
 
 
 _NODE_ACTIONS = (MakeDir, MakeNode, FixNode, MakeSymlink)
+_MOUNT_DRIFTS = {"missing-mount", "hidden-mount", "private-mount", "foreign-mount",
+                 "unobservable", "planted"}
 _NODE_DRIFTS = {"missing-node", "missing-symlink", "missing-dir", "wrong-node", "wrong-symlink",
                 "wrong-attrs", "planted", "unsafe-path"}
 
