@@ -84,14 +84,33 @@ class HostPrep:
         self.handles.clear()
 
 
-def prepare_host(actions: Iterable[Action], host_root: str = "/") -> HostPrep:
+def _host_tree(root: int, path: str, flags: int) -> int:
+    """open_tree of a host mount point, looked up with the one safe resolver (so a
+    mount point longer than PATH_MAX works too)."""
+    mp = fsops.open_dir(root, path)
+    try:
+        return syscalls.open_tree(mp, "", flags | C.AT_EMPTY_PATH)
+    finally:
+        os.close(mp)
+
+
+def prepare_host(actions: Iterable[Action]) -> HostPrep:
+    """Runs in the host namespace: take every host-side fd the actions need."""
     prep = HostPrep()
+    root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        _prepare(prep, actions, root)
+    finally:
+        os.close(root)
+    return prep
+
+
+def _prepare(prep: HostPrep, actions: Iterable[Action], root: int) -> None:
     for a in actions:
         try:
             if isinstance(a, ReplayMount) and a.path not in prep.clones:
-                fd = syscalls.open_tree(C.AT_FDCWD, a.path, C.OPEN_TREE_CLONE
-                                        | C.OPEN_TREE_CLOEXEC | C.AT_RECURSIVE
-                                        | C.AT_SYMLINK_NOFOLLOW)
+                fd = _host_tree(root, a.path, C.OPEN_TREE_CLONE | C.OPEN_TREE_CLOEXEC
+                                | C.AT_RECURSIVE)
                 try:
                     # a clone of a shared mount joins the host's peer group: make it a
                     # slave before it is attached anywhere (events host -> VM only)
@@ -102,8 +121,7 @@ def prepare_host(actions: Iterable[Action], host_root: str = "/") -> HostPrep:
                     raise
                 prep.clones[a.path] = fd
             elif isinstance(a, RelinkMount) and a.path not in prep.handles:
-                prep.handles[a.path] = syscalls.open_tree(
-                    C.AT_FDCWD, a.path, C.OPEN_TREE_CLOEXEC | C.AT_SYMLINK_NOFOLLOW)
+                prep.handles[a.path] = _host_tree(root, a.path, C.OPEN_TREE_CLOEXEC)
         except OSError as exc:
             path = getattr(a, "path", a.name)
             if isinstance(a, ReplayMount) and a.fstype == "hugetlbfs":
@@ -112,7 +130,6 @@ def prepare_host(actions: Iterable[Action], host_root: str = "/") -> HostPrep:
                 prep.fresh[path] = f"host mount cannot be cloned ({exc.strerror})"
             else:
                 prep.errors[path] = f"host side: {exc.strerror}"
-    return prep
 
 
 #: pid of the parent when this process is a forked reconnect worker

@@ -64,8 +64,16 @@ class HostState:
         """st_dev of a host path, looked up once per HostState (a snapshot, like the
         mount table it was read with)."""
         if path not in self._st_dev:
+            from .kernel import fsops
+
             try:
-                self._st_dev[path] = os.stat(path).st_dev
+                root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    fd = fsops.open_path(root, path, os.O_PATH | os.O_CLOEXEC)
+                finally:
+                    os.close(root)
+                self._st_dev[path] = os.fstat(fd).st_dev
+                os.close(fd)
             except OSError:
                 self._st_dev[path] = None
         return self._st_dev[path]
