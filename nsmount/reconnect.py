@@ -9,10 +9,7 @@ VM gets a result line (ok / repaired / failed with the reason).
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -306,43 +303,3 @@ def reconnect_one(target: str | int, **kw: Any) -> Report:
 
     pid, domain = resolve_target(str(target), lvdir=kw.get("lvdir"))
     return reconnect(candidates=[Candidate(pid, "target", domain)], **kw)
-
-
-# ------------------------------------------------------------------- CLI
-def _progress_printer() -> Callable[[int, int, int], None] | None:
-    if not sys.stderr.isatty():
-        return None
-
-    def show(done: int, total: int, failed: int) -> None:
-        if total >= 20 and (done == total or done % 10 == 0):
-            sys.stderr.write(f"\rreconnect: {done}/{total} VMs, {failed} failed")
-            if done == total:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
-
-    return show
-
-
-def cmd_reconnect(args: argparse.Namespace) -> int:
-    kw: dict[str, Any] = {"dry_run": args.dry_run, "jobs": args.jobs or os.cpu_count() or 1,
-                          "sdir": args.state_dir,
-                          "lvdir": args.libvirt_state_dir, "progress": _progress_printer()}
-    if args.target:
-        rep = reconnect_one(args.target, **kw)
-    else:
-        rep = reconnect(scan=not args.no_scan, **kw)
-    if args.json:
-        print(json.dumps(rep.to_dict(), indent=1, default=str))
-    else:
-        for o in rep.outcomes:
-            who = f"{o.name or 'vm'} (pid {o.pid})" if o.pid > 0 else (o.name or "?")
-            what = o.error if o.status == "failed" else (
-                f"{len(o.actions)} action(s)" if o.actions else "nothing to do")
-            print(f"{o.status:<12} {who}: {what}")
-            for w in o.warnings:
-                print(f"{'':12} warning: {w}")
-        s = rep.summary()
-        print(f"{s['total']} VM(s): {s['ok']} ok, {s['repaired']} repaired, "
-              f"{s['would-repair']} would repair, {s['failed']} failed "
-              f"in {rep.seconds:.3f}s")
-    return rep.exit_code

@@ -1,14 +1,11 @@
 """Face 2: inspect, repair, hotplug and run-in for one running VM.
 
 Library calls (``inspect``, ``repair``, ``device_add``, ``device_remove``) return an
-:class:`~nsmount.session.Outcome`; the ``cmd_*`` functions are the CLI's thin
-wrappers around them.
+:class:`~nsmount.session.Outcome`; they never print (the CLI is :mod:`nsmount.cli`).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -29,7 +26,6 @@ from .kernel import consts as C
 from .kernel import syscalls
 from .kernel.nsenter import call_in_mntns
 from .locks import vm_lock
-from .model.mountinfo import escape
 from .model.paths import canonical, is_strictly_within
 from .model.spec import VmSpec
 from .session import Outcome, VmSession, host_ns_fd
@@ -124,6 +120,9 @@ def device_remove(target: str | int, paths: Sequence[str], *, dry_run: bool = Fa
         empty = VmSpec(name=spec.name, domain_id=spec.domain_id, default_devices=(),
                        source=spec.source)
         out = _run(t, empty, host, dry_run=dry_run, nodes_only=True, extra=acts)
+        if out.status == "repaired" and all(r.ok and r.note == "already absent"
+                                            for r in out.results):
+            out.status = "ok"  # nothing was there to remove: nothing changed
         if not dry_run and out.status != "failed":
             update_record(t, spec.without_devices(clean), kw.get("sdir"))  # type: ignore[arg-type]
         return out
@@ -147,98 +146,6 @@ def run_in(target: str | int, argv: Sequence[str], **kw: object) -> NoReturn:
         raise CommandNotFoundError(f"command not found inside the VM namespace: {argv[0]}")
     sys.stdout.flush()
     os.execv(exe, list(argv))
-
-
-# ------------------------------------------------------------------- CLI
-def _kw(args: argparse.Namespace) -> dict[str, object]:
-    from .cli import _load_spec
-
-    return {"explicit": _load_spec(args, required=False), "lvdir": args.libvirt_state_dir,
-            "sdir": args.state_dir}
-
-
-def _exit(out: Outcome) -> int:
-    if out.status == "failed":
-        return out.error_code or 2
-    return 1 if out.status == "repaired" else 0
-
-
-def print_outcome(out: Outcome, *, as_json: bool, verb: str) -> None:
-    if as_json:
-        print(json.dumps(out.to_dict(), indent=1, default=str))
-        return
-    who = f"{out.name} (pid {out.pid})" if out.name else f"pid {out.pid}"
-    print(f"{who}: spec from {out.source}")
-    for w in out.warnings:
-        print(f"  warning: {w}")
-    for d in out.drifts:
-        print(f"  drift: {d.describe()}")
-    if out.results:
-        for r in out.results:
-            mark = "ok  " if r.ok else "FAIL"
-            tail = f" ({r.error})" if r.error else (f" ({r.note})" if r.note else "")
-            print(f"  {mark} {r.action.describe()}{tail}")
-    elif out.actions:
-        print(f"  would {verb}:" if out.status == "would-repair" else "  plan:")
-        for a in out.actions:
-            print(f"    - {a.describe()}")
-    if out.error and not out.results:
-        print(f"  error: {out.error}")
-    print(f"  status: {out.status}")
-
-
-def cmd_inspect(args: argparse.Namespace) -> int:
-    out = inspect(args.target, **_kw(args))
-    if args.json:
-        print(json.dumps(out.to_dict(), indent=1, default=str))
-        return 0
-    print(f"{out.name or 'vm'} (pid {out.pid}), spec from {out.source}")
-    print("mounts:")
-    for m in out.extra.get("mounts", []):
-        prop = m["propagation"]
-        if m.get("peer_group"):
-            prop += f" peer:{m['peer_group']}"
-        if m.get("master"):
-            prop += f" master:{m['master']}"
-        # escaped as in mountinfo: a name with a newline must not forge a line
-        print(f"  {escape(m['target']):<32} {m['fstype']:<10} {escape(m['source']):<14} {prop}")
-    print(f"/dev ({out.extra.get('dev_fstype')}):")
-    for e in out.extra.get("dev", []):
-        desc = e.get("target") or f"{e.get('major', '')}{':' if 'major' in e else ''}" \
-            f"{e.get('minor', '')} {e.get('mode', '')} {e.get('uid', '')}:{e.get('gid', '')}"
-        mark = "  [mount]" if e.get("mount") else ""
-        print(f"  {escape(str(e['path'])):<32} {e['kind']:<4} {desc}{mark}")
-    print("drift:" if out.drifts else "drift: none")
-    for d in out.drifts:
-        print(f"  {d.describe()}")
-    for w in out.warnings:
-        print(f"warning: {w}")
-    return 0
-
-
-def cmd_repair(args: argparse.Namespace) -> int:
-    out = repair(args.target, dry_run=args.dry_run, rebuild_dev=args.rebuild_dev, **_kw(args))
-    print_outcome(out, as_json=args.json, verb="repair")
-    return _exit(out)
-
-
-def cmd_device_add(args: argparse.Namespace) -> int:
-    out = device_add(args.target, args.paths, dry_run=args.dry_run, **_kw(args))
-    print_outcome(out, as_json=args.json, verb="add")
-    return _exit(out) if out.status == "failed" else 0
-
-
-def cmd_device_remove(args: argparse.Namespace) -> int:
-    out = device_remove(args.target, args.paths, dry_run=args.dry_run, **_kw(args))
-    print_outcome(out, as_json=args.json, verb="remove")
-    return _exit(out) if out.status == "failed" else 0
-
-
-def cmd_run_in(args: argparse.Namespace) -> int:
-    argv = list(args.command)
-    if argv and argv[0] == "--":
-        argv = argv[1:]
-    run_in(args.target, argv, lvdir=args.libvirt_state_dir)
 
 
 __all__ = [
