@@ -451,9 +451,12 @@ def _syslog() -> None:
     """The hook's records go to syslog (the journal) too; stderr lands in the domain log."""
     import logging.handlers
 
+    class Quiet(logging.handlers.SysLogHandler):
+        def handleError(self, record: logging.LogRecord) -> None:
+            pass  # no syslog daemon: stderr (the domain log) still has it
+
     try:
-        h = logging.handlers.SysLogHandler(address="/dev/log",
-                                           facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+        h = Quiet(address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON)
     except OSError:
         return
     h.ident = "nsmount: "

@@ -29,11 +29,21 @@ class Out:
         self.quiet = quiet
         self.closed = False
 
+    @property
+    def unicode(self) -> bool:
+        """Can stdout take the tree's box-drawing characters?"""
+        enc = (getattr(sys.stdout, "encoding", None) or "ascii").lower().replace("-", "")
+        return enc in ("utf8", "utf16", "utf32")
+
     def _write(self, text: str) -> None:
         if self.closed:
             return
         try:
-            sys.stdout.write(text)
+            try:
+                sys.stdout.write(text)
+            except UnicodeEncodeError:  # a stdout that cannot take it: escape, never fail
+                enc = getattr(sys.stdout, "encoding", None) or "ascii"
+                sys.stdout.write(text.encode(enc, "backslashreplace").decode(enc))
             sys.stdout.flush()
         except BrokenPipeError:
             self.close_quietly()
@@ -122,9 +132,6 @@ MOUNT_COLUMNS: dict[str, str] = {
 DEFAULT_MOUNT_COLUMNS = ("TARGET", "SOURCE", "FSTYPE", "PROPAGATION")
 DEV_COLUMNS = ("PATH", "TYPE", "MAJ:MIN", "MODE", "OWNER", "TARGET")
 
-_KIND = {"c": "char", "b": "block", "l": "link", "d": "dir", "f": "file"}
-
-
 def _prop(m: Mapping[str, Any]) -> str:
     p = str(m.get("propagation") or "")
     if m.get("peer_group"):
@@ -156,9 +163,12 @@ def _cell(m: Mapping[str, Any], col: str) -> str:
     raise KeyError(col)
 
 
-def mount_tree_rows(mounts: Sequence[Mapping[str, Any]]) -> list[tuple[str, Mapping[str, Any]]]:
+def mount_tree_rows(mounts: Sequence[Mapping[str, Any]], *, ascii: bool = False
+                    ) -> list[tuple[str, Mapping[str, Any]]]:
     """(tree prefix + escaped target, mount) in findmnt's order: children under their
-    parent, in mount order."""
+    parent, in mount order (``ascii``: ``|-`` instead of box drawing, like
+    ``findmnt --ascii``)."""
+    mid, last_, bar = ("|-", "`-", "| ") if ascii else ("├─", "└─", "│ ")
     ids = {m["id"] for m in mounts}
     kids: dict[object, list[Mapping[str, Any]]] = {}
     roots: list[Mapping[str, Any]] = []
@@ -178,7 +188,7 @@ def mount_tree_rows(mounts: Sequence[Mapping[str, Any]]) -> list[tuple[str, Mapp
         children = kids.get(m["id"], [])
         for i, c in enumerate(children):
             last = i == len(children) - 1
-            walk(c, lead + ("  " if last else "│ "), lead + ("└─" if last else "├─"))
+            walk(c, lead + ("  " if last else bar), lead + (last_ if last else mid))
 
     for r in roots:
         walk(r, "", "")
@@ -207,16 +217,14 @@ def inspect(out: Out, o: Any, columns: Sequence[str]) -> None:
     out.data()
     mounts = o.extra.get("mounts", [])
     rows = []
-    for tgt, m in mount_tree_rows(mounts):
+    for tgt, m in mount_tree_rows(mounts, ascii=not out.unicode):
         rows.append([tgt if c == "TARGET" else _cell(m, c) for c in columns])
     table(out, list(columns), rows)
     out.data()
     out.data(f"/dev ({escape_name(o.extra.get('dev_fstype') or '?')}):")
     drows = []
     for e in o.extra.get("dev", []):
-        kind = _KIND.get(str(e.get("kind")), escape_name(e.get("kind", "?")))
-        if e.get("mount"):
-            kind = "mount"
+        kind = "mount" if e.get("mount") else escape_name(e.get("kind", "?"))
         majmin = f"{e['major']}:{e['minor']}" if "major" in e else ""
         mode = f"{int(e['mode']):04o}" if isinstance(e.get("mode"), int) else ""
         owner = f"{e.get('uid', '')}:{e.get('gid', '')}" if "uid" in e else ""

@@ -172,4 +172,4 @@ def test_rebuild_plan_is_one_swap() -> None:
 def test_actions_serialise() -> None:
     for a in plan_launch(desired(), ("/dev/pts",)):
         d = a.to_dict()
-        assert d["action"] == a.name and isinstance(d["description"], str)
+        assert d["action"] == a.kind and isinstance(d["description"], str)
