@@ -42,7 +42,8 @@ def log_outcome(o: Any, *, via: str = "") -> None:
     tag = f" via={via}" if via else ""
     for r in o.results:
         a = r.action
-        path = str(getattr(a, "path", "") or "")
+        entry = getattr(a, "entry", None)
+        path = str(getattr(a, "path", None) or getattr(entry, "path", "") or "")
         d = drifts.get(path)
         before = f"{d.kind}: {d.detail}" if d is not None else (a.reason or "-")
         result = "ok" if r.ok else f"failed: {r.error}"
