@@ -287,6 +287,13 @@ def _command(args: argparse.Namespace) -> list[str]:
     return argv
 
 
+def _summary(o: Any) -> None:
+    """-v: one line per VM (where its spec came from, what happened, how long)."""
+    log.info("%s: spec from %s, %d drift(s), %d action(s), status %s in %.3fs",
+             P.who(o.name, o.pid), o.source, len(o.drifts), len(o.actions), o.status,
+             o.seconds)
+
+
 def outcome_exit(o: Any) -> int:
     """0 ok, 1 repaired or would repair, else the failure's own code (2 by default)."""
     if o.status == "failed":
@@ -342,6 +349,7 @@ def cmd_inspect(args: argparse.Namespace, out: P.Out) -> int:
     if args.json and args.output:
         raise UsageError("inspect: -o chooses text columns; --json prints them all")
     o = inspect(args.target, **_kw(args))
+    _summary(o)
     if args.json:
         out.json(o.to_dict())
     else:
@@ -355,6 +363,7 @@ def cmd_repair(args: argparse.Namespace, out: P.Out) -> int:
 
     o = repair(args.target, dry_run=args.dry_run, rebuild_dev=args.rebuild_dev, **_kw(args))
     audit.log_outcome(o)
+    _summary(o)
     out.json(o.to_dict()) if args.json else P.outcome(out, o, verb="repair")
     return outcome_exit(o)
 
@@ -366,6 +375,7 @@ def cmd_device(args: argparse.Namespace, out: P.Out) -> int:
     fn = device_add if args.device_cmd == "add" else device_remove
     o = fn(args.target, args.paths, dry_run=args.dry_run, **_kw(args))
     audit.log_outcome(o)
+    _summary(o)
     out.json(o.to_dict()) if args.json else P.outcome(out, o, verb=args.device_cmd)
     return outcome_exit(o)
 
@@ -419,6 +429,8 @@ def cmd_reconnect(args: argparse.Namespace, out: P.Out) -> int:
     else:
         rep = reconnect(scan=not args.no_scan, **kw)
     audit.log_outcomes(rep.outcomes, via="reconnect")
+    for o in rep.outcomes:
+        _summary(o)
     out.json(rep.to_dict()) if args.json else P.reconnect(out, rep)
     s = rep.summary()
     if s["failed"]:
@@ -558,6 +570,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.quiet and args.verbose:
             raise UsageError("-q and -v contradict each other")
         _setup_logging(args.verbose, args.quiet)
+        log.debug("nsmount %s, arguments %s", __version__, vars(args))
         out.quiet = args.quiet
         return int(args.func(args, out) or 0)
     except UsageError as exc:

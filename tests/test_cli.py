@@ -316,3 +316,17 @@ def test_tree_rows_follow_parents() -> None:
               {"id": 5, "parent": 6, "target": "/x"}, {"id": 6, "parent": 5, "target": "/y"}]
     rows = [t for t, _ in cli_print.mount_tree_rows(mounts)]
     assert rows == ["/", "├─/dev", "│ └─/dev/pts", "└─/proc", "/x", "└─/y"], rows
+
+
+def test_ctrl_c_exits_130_without_traceback() -> None:
+    """Interrupted while waiting (here: for a spec on stdin): 130, nothing on stderr."""
+    import signal
+    import time
+
+    p = subprocess.Popen([sys.executable, "-m", "nsmount", "exec", "--dry-run", "--spec", "-",
+                          "--", "true"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
+    time.sleep(1.0)  # parsed and blocked in read(stdin)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and b"Traceback" not in err, (p.returncode, err)
