@@ -581,7 +581,7 @@ n_dev = vm_mounts_at(p.pid, "/dev")
 rc, o, _ = nsm_json("repair", "--spec", "/run/y.toml", p.pid)
 assert rc == 1 and any("not a private tmpfs" in w for w in o["warnings"]), o
 rc, o, _ = nsm_json("repair", "--rebuild-dev", "--spec", "/run/y.toml", p.pid)
-assert rc == 1 and o["results"][0]["action"] == "SwapDev", o
+assert rc == 1 and o["results"][0]["action"] == "swap-dev", o
 assert nsm("repair", "--spec", "/run/y.toml", p.pid).returncode == 0
 assert vm_mounts_at(p.pid, "/dev") == n_dev              # swapped, not stacked
 problems = g.check()
