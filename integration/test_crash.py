@@ -44,6 +44,8 @@ SCENARIOS = ("launch", "repair", "reconnect", "rebuild", "remove")
 DRIVER = r'''
 import collections
 STEPS = json.loads(os.environ["CRASH_STEPS"])
+from nsmount.actions import kebab
+BY_KIND = {kebab(s): s for s in STEPS}  # JSON names the actions in kebab-case
 SCEN = os.environ["CRASH_SCENARIO"]
 ONLY_PLAN = os.environ.get("CRASH_ONLY_PLAN") == "1"
 os.makedirs("/dev/disk/by-id", exist_ok=True)
@@ -80,18 +82,18 @@ def setup():
 def planned(argv):
     if argv[0] == "exec":
         r = nsm("exec", "--dry-run", "--json", *argv[1:])
-        return [a["action"] for a in json.loads(r.stdout)["actions"]]
+        return [BY_KIND[a["action"]] for a in json.loads(r.stdout)["actions"]]
     rc, o, err = nsm_json(*argv[:-1], "--dry-run", argv[-1]) if argv[0] != "device" else \
         nsm_json(*argv[:3], "--dry-run", *argv[3:])
     if "vms" in o:
         o = o["vms"][0]
-    return [a["action"] for a in o["actions"]]
+    return [BY_KIND[a["action"]] for a in o["actions"]]
 
 def converged(pid, removed=()):
     errs = []
     for args in (["repair", pid], ["reconnect", pid], ["repair", pid]):
         r = nsm(*args)
-        if r.returncode != 0:
+        if r.returncode != 0:  # nothing left to do: 0, not 1
             errs.append(f"{args[0]} after convergence: exit {r.returncode}: {r.stdout}{r.stderr}")
     c = collections.Counter(mountpoints(pid))
     base = collections.Counter(mountpoints())  # the sandbox's own /proc is stacked twice

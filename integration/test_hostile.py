@@ -330,7 +330,7 @@ vm = start_vm(devices=[])
 g = Guard()
 invm(vm.pid, "ln -s /etc /dev/disk")
 rc, o, _ = nsm_json("device", "add", vm.pid, "/dev/disk/by-id/usb-X")
-assert rc == 0 and o["status"] == "repaired", o
+assert rc == 1 and o["status"] == "repaired", o
 assert any(d["kind"] == "unsafe-path" for d in o["drift"]), o
 assert not os.path.exists("/etc/by-id")
 r = invm(vm.pid, "test -b /dev/loop1 && test -L /dev/disk/by-id/usb-X", check=False)
@@ -582,7 +582,7 @@ rc, o, _ = nsm_json("repair", "--spec", "/run/y.toml", p.pid)
 assert rc == 2 and o["drift"][0]["kind"] == "foreign-dev", o
 assert "ramfs" in o["drift"][0]["detail"] and not o["results"], o
 rc, o, _ = nsm_json("repair", "--rebuild-dev", "--spec", "/run/y.toml", p.pid)
-assert rc == 1 and o["results"][0]["action"] == "SwapDev", o
+assert rc == 1 and o["results"][0]["action"] == "swap-dev", o
 assert nsm("repair", "--spec", "/run/y.toml", p.pid).returncode == 0
 assert vm_mounts_at(p.pid, "/dev") == n_dev              # swapped, not stacked
 problems = g.check()
@@ -621,7 +621,7 @@ invm(vm.pid, PY + " -c 'import os\\nfor i in range(1, 5000): os.symlink(\\"/etc/
              f"\\"/run/nsmount/vms/{vm.pid}.json.tmp.%d\\" % i)'")
 g = Guard()
 r = nsm("device", "add", vm.pid, "/dev/loop2")
-assert r.returncode == 0, r
+assert r.returncode == 1, r
 assert not os.path.islink(f"/run/nsmount/vms/{vm.pid}.json")
 assert "/dev/loop2" in open(f"/run/nsmount/vms/{vm.pid}.json").read()
 problems = g.check()

@@ -320,17 +320,17 @@ def test_dry_run_json() -> None:
             assert doc["spec"]["name"] == "dry" and doc["spec"]["domain_id"] == 5, doc["spec"]
             acts = doc["actions"]
             kinds = [a["action"] for a in acts]
-            assert kinds[0] == "CreateDevTmpfs", kinds
-            assert kinds.index("SwitchDev") > max(i for i, k in enumerate(kinds)
-                                                  if k in ("MakeNode", "PreserveMount"))
-            nodes = {a["entry"]["path"]: a["entry"] for a in acts if a["action"] == "MakeNode"}
+            assert kinds[0] == "create-dev-tmpfs", kinds
+            assert kinds.index("switch-dev") > max(i for i, k in enumerate(kinds)
+                                                  if k in ("make-node", "preserve-mount"))
+            nodes = {a["entry"]["path"]: a["entry"] for a in acts if a["action"] == "make-node"}
             assert nodes["/dev/loop0"]["kind"] == "blk"
             assert (nodes["/dev/loop0"]["major"], nodes["/dev/loop0"]["minor"]) == (7, 0)
             assert set(nodes) <= set(DEFAULTS) | {"/dev/loop0"}, sorted(nodes)
             assert "/dev/null" in nodes
-            preserved = {a["path"] for a in acts if a["action"] == "PreserveMount"}
+            preserved = {a["path"] for a in acts if a["action"] == "preserve-mount"}
             assert {"/dev/pts", "/dev/shm", "/dev/hugepages"} <= preserved, preserved
-            hp = [a for a in acts if a["action"] == "MakeHugepageDir"]
+            hp = [a for a in acts if a["action"] == "make-hugepage-dir"]
             assert [a["path"] for a in hp] == ["/dev/hugepages/libvirt/qemu/5-dry"], hp
             for a in acts:
                 assert a["description"], a

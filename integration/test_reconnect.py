@@ -353,7 +353,7 @@ assert visible_mounts(pid).count("/dev/hugepages") == 0, visible_mounts(pid)
 rc, rep, err = reconnect_json(pid)
 o = rep["vms"][0]
 assert rc == 1 and o["status"] == "repaired", (rc, o, err)
-assert any(a["action"] == "ReplayMount" and a["path"] == "/dev/hugepages"
+assert any(a["action"] == "replay-mount" and a["path"] == "/dev/hugepages"
            for a in o["actions"]), o["actions"]
 _p = check_vm(pid, 0, [("/dev/hugepages", 2 * MB)])
 assert _p == [], (_p, open(f"/proc/{pid}/mountinfo").read(), o["actions"])

@@ -149,7 +149,7 @@ def check_damage_cycle(pid, source="record"):
     assert not any(e["path"] == "/dev/null" for e in doc["dev"])
 
     before = vm_state(pid)
-    rc, doc = nsm_json("repair", pid, "--dry-run", rc=0)
+    rc, doc = nsm_json("repair", pid, "--dry-run", rc=1)  # would repair: 1, like repair
     assert doc["status"] == "would-repair" and doc["results"] == [], doc
     assert len(doc["actions"]) >= 4, doc["actions"]
     assert vm_state(pid) == before, "repair --dry-run changed the VM"
@@ -255,7 +255,7 @@ def test_qemu_hotplug_loop_device() -> None:
                 assert "error" in r and "No such file" in r["error"]["desc"], r
 
                 r = nsm("device", "add", pid, loop)
-                assert r.returncode == 0, r
+                assert r.returncode == 1, r  # repaired (added)
                 st = vm_lstat(pid, loop)
                 assert st and stat.S_ISBLK(st.st_mode) and st.st_rdev == host_st.st_rdev, st
                 q.cmd("blockdev-add", blk)
@@ -273,7 +273,9 @@ def test_qemu_hotplug_loop_device() -> None:
 
                 q.cmd("blockdev-del", {{"node-name": "d1"}})
                 r = nsm("device", "remove", pid, loop)
-                assert r.returncode == 0, r
+                assert r.returncode == 1, r  # removed
+                r = nsm("device", "remove", pid, loop, "--json")
+                assert r.returncode == 0 and json.loads(r.stdout)["status"] == "ok", r
                 assert vm_lstat(pid, loop) is None, "still in the VM"
                 assert os.lstat(loop).st_ino == host_st.st_ino, "host node touched"
                 rc, doc = nsm_json("repair", pid, rc=0)
@@ -524,5 +526,13 @@ def test_propagation() -> None:
         assert r.returncode == 0, r
         assert "shared:" in prop("/dev"), prop("/dev")
         assert nsm("propagation", "--check").returncode == 0
+        # a path that is no mount point fails, and the JSON agrees with its rows
+        for path in ("/nonexistent", "/etc"):
+            r = nsm("propagation", "--check", "--json", path)
+            doc = json.loads(r.stdout)
+            assert r.returncode == 1 and doc["ok"] is False, r
+            assert doc["mounts"][0]["mounted"] is False and doc["version"] == 1, doc
+        r = nsm("propagation", "--check", "/", "/etc")
+        assert r.returncode == 1 and "not a mount point" in r.stdout, r
         print("OK")
     ''')

@@ -19,13 +19,19 @@ class Action:
 
     @property
     def name(self) -> str:
+        """The class name (the fault-injection point of the crash tests)."""
         return type(self).__name__
+
+    @property
+    def kind(self) -> str:
+        """The stable, documented name in JSON and logs: ``make-hugepage-dir``."""
+        return kebab(self.name)
 
     def describe(self) -> str:  # pragma: no cover - overridden
         return self.name
 
     def to_dict(self) -> dict[str, object]:
-        d: dict[str, object] = {"action": self.name, "description": self.describe()}
+        d: dict[str, object] = {"action": self.kind, "description": self.describe()}
         for f in fields(self):
             val = getattr(self, f.name)
             if isinstance(val, Entry):
@@ -164,6 +170,12 @@ class SwapDev(Action):
         return (f"rebuild /dev ({len(self.populate)} entries, keep "
                 f"{' '.join(map(_e, self.preserved)) or 'no submounts'}) and swap it in "
                 "atomically")
+
+
+def kebab(name: str) -> str:
+    """``MakeHugepageDir`` -> ``make-hugepage-dir``."""
+    return "".join(("-" + ch.lower()) if ch.isupper() and i else ch.lower()
+                   for i, ch in enumerate(name))
 
 
 def _size(n: int) -> str:

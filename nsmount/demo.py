@@ -39,8 +39,8 @@ def run(*args, show=True):
     print("$ " + " ".join(args), flush=True)
     r = subprocess.run(list(args), capture_output=True, text=True)
     if show:
+        sys.stdout.write(r.stderr)  # the audit trail (logged before the report)
         sys.stdout.write(r.stdout)
-        sys.stdout.write(r.stderr)
         print(f"(exit {r.returncode})", flush=True)
     return r
 

@@ -11,56 +11,50 @@ keeps it in the domain log).
 
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
 import sys
 
 from .errors import NsmountError
+from .model.display import escape_name
 
 HOOK_OPS = {("reconnect", "begin"), ("started", "begin")}
 MARKER = "# nsmount libvirt hook"
 
 
-def run_hook(argv: list[str], stdin_text: str, *, lvdir: str | None = None) -> int:
+def run_hook(argv: list[str], stdin_text: str, *, lvdir: str | None = None) -> list[str]:
+    """Repair the domain of a ``reconnect``/``started`` hook call; returns one message
+    per VM (what happened, or why not).  Never raises: a hook must not break libvirt."""
     if len(argv) < 2:
-        return 0
+        return []
     domain, op = argv[0], argv[1]
     sub = argv[2] if len(argv) > 2 else "-"
     if (op, sub) not in HOOK_OPS:
-        return 0
-    from dataclasses import replace
-
-    from .model.libvirt_xml import spec_from_domain_xml
-    from .reconnect import Candidate, reconnect
-    from .sources import libvirt_state_dir, read_pidfile
-
+        return []
+    who = escape_name(domain)
     try:
+        from dataclasses import replace
+
+        from . import audit
+        from .model.libvirt_xml import spec_from_domain_xml
+        from .reconnect import Candidate, reconnect
+        from .sources import libvirt_state_dir, read_pidfile
+
         spec = spec_from_domain_xml(stdin_text) if stdin_text.strip() else None
         pid = read_pidfile(os.path.join(libvirt_state_dir(lvdir), f"{domain}.pid"))
         if spec is not None:
             spec = replace(spec, source="libvirt-hook")
         rep = reconnect(candidates=[Candidate(pid, "libvirt-hook", domain, spec=spec)])
+        audit.log_outcomes(rep.outcomes, via=f"libvirt-hook {op}")
+        msgs = []
         for o in rep.outcomes:
             msg = o.error if o.status == "failed" else f"{len(o.actions)} action(s)"
-            print(f"nsmount: {op} {domain}: {o.status}: {msg}", file=sys.stderr)
+            msgs.append(f"{op} {who}: {o.status}: {msg}")
+        return msgs
     except NsmountError as exc:
-        print(f"nsmount: {op} {domain}: {exc.oneline()}", file=sys.stderr)
+        return [f"{op} {who}: {exc.oneline()}"]
     except Exception as exc:  # a hook must never break libvirt
-        print(f"nsmount: {op} {domain}: internal error: {exc!r}", file=sys.stderr)
-    return 0
-
-
-def cmd_hook(args: argparse.Namespace) -> int:
-    from .statefile import MAX_XML
-
-    # libvirt writes the domain XML and closes stdin; a bigger one is not libvirt's
-    text = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read(MAX_XML + 1)
-    if len(text) > MAX_XML:
-        print(f"nsmount: domain XML on stdin is larger than {MAX_XML} bytes; ignored",
-              file=sys.stderr)
-        text = ""
-    return run_hook(list(args.hook_args), text)
+        return [f"{op} {who}: internal error: {exc!r}"]
 
 
 def _pythonpath() -> str:
@@ -69,64 +63,139 @@ def _pythonpath() -> str:
     return f"PYTHONPATH={shlex.quote(pkg_parent)}${{PYTHONPATH:+:$PYTHONPATH}}"
 
 
-def hook_script(python: str | None = None) -> str:
+#: shell that filters the operation before Python starts: only these two start it
+_FILTER = """case "$2 $3" in
+    "reconnect begin"|"started begin") ;;
+    *) {other} ;;
+esac
+"""
+
+
+def _run_nsmount(python: str | None, stdin: str = "") -> str:
+    """Shell lines that run ``nsmount libvirt-hook`` and never fail the hook: a removed
+    interpreter or package, a crash, all end in a note on stderr (the domain log)."""
     py = shlex.quote(python or sys.executable)
+    return f"""if [ -x {py} ]; then
+    {_pythonpath()} {py} -P -m nsmount libvirt-hook "$@"{stdin} ||
+        echo "nsmount hook: $1 $2: nsmount failed ($?); the VM is left as it is" >&2
+else
+    {'cat >/dev/null; ' if not stdin else ''}echo "nsmount hook: {py} is gone;" \
+        "$1 not repaired (nsmount uninstall-hook removes this hook)" >&2
+fi
+"""
+
+
+def hook_script(python: str | None = None) -> str:
+    """``qemu.d/50-nsmount``: fails open in every case (``exit 0``)."""
     return (f"#!/bin/sh\n{MARKER}: repairs a domain's mount namespace on reconnect/started\n"
-            f"{_pythonpath()} exec {py} -m nsmount libvirt-hook \"$@\"\n")
+            "# it never fails the libvirt operation: every path ends in exit 0\n"
+            + _FILTER.format(other="cat >/dev/null 2>&1; exit 0")
+            + _run_nsmount(python) + "exit 0\n")
 
 
 def _legacy_wrapper(chained: str, python: str | None = None) -> str:
-    py = shlex.quote(python or sys.executable)
     c = shlex.quote(chained)
-    return f"""#!/bin/sh
+    return (f"""#!/bin/sh
 {MARKER} (chains the previous hook, kept at {chained})
-tmp=$(mktemp) || exit 1
+# the chained hook's exit status is the hook's; nsmount's part never fails it
+"""
+            + _FILTER.format(other=f'if [ -x {c} ]; then exec {c} "$@"; fi; '
+                             "cat >/dev/null 2>&1; exit 0")
+            + f"""tmp=$(mktemp) || {{ if [ -x {c} ]; then exec {c} "$@"; fi; exit 0; }}
 trap 'rm -f "$tmp"' EXIT
 cat > "$tmp"
 rc=0
 if [ -x {c} ]; then {c} "$@" < "$tmp"; rc=$?; fi
-{_pythonpath()} {py} -m nsmount libvirt-hook "$@" < "$tmp"
-exit $rc
 """
+            + _run_nsmount(python, stdin=' < "$tmp"') + "exit $rc\n")
+
+
+def _paths(hooks_dir: str) -> tuple[str, str, str]:
+    return (os.path.join(hooks_dir, "qemu.d", "50-nsmount"), os.path.join(hooks_dir, "qemu"),
+            os.path.join(hooks_dir, "qemu.nsmount-chained"))
+
+
+def _ours(path: str) -> bool:
+    try:
+        with open(path, errors="replace") as fh:
+            return MARKER in fh.read(65536)
+    except OSError:
+        return False
 
 
 def install(hooks_dir: str, *, legacy: bool = False, dry_run: bool = False) -> list[str]:
     """Install without clobbering: returns what was (or would be) done."""
     done: list[str] = []
+    path, qemu, chained = _paths(hooks_dir)
     if not legacy:
-        d = os.path.join(hooks_dir, "qemu.d")
-        path = os.path.join(d, "50-nsmount")
         want = hook_script()
         if os.path.lexists(path):
-            with open(path) as fh:
-                have = fh.read()
-            if MARKER not in have:
+            if not _ours(path):
                 raise NsmountError(f"{path} exists and is not nsmount's; refusing to overwrite")
-            if have == want:
-                return [f"{path} already installed"]
+            with open(path) as fh:
+                if fh.read() == want:
+                    return [f"{path} already installed"]
         done.append(f"write {path}")
         if not dry_run:
-            os.makedirs(d, mode=0o755, exist_ok=True)
+            os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
             _write_exec(path, want)
         return done
-    path = os.path.join(hooks_dir, "qemu")
-    if os.path.lexists(path):
-        with open(path) as fh:
-            have = fh.read()
-        if MARKER in have:
-            return [f"{path} already chains nsmount"]
-        chained = os.path.join(hooks_dir, "qemu.nsmount-chained")
+    if os.path.lexists(qemu):
+        if _ours(qemu):
+            chain = os.path.lexists(chained)
+            want = _legacy_wrapper(chained) if chain else hook_script()
+            with open(qemu) as fh:
+                if fh.read() == want:
+                    return [f"{qemu} already chains nsmount"]
+            done.append(f"write {qemu}" + (f" (runs {chained}, then nsmount)" if chain else ""))
+            if not dry_run:
+                _write_exec(qemu, want)
+            return done
         if os.path.lexists(chained):
             raise NsmountError(f"{chained} exists; refusing to overwrite it")
-        done += [f"move {path} to {chained}", f"write {path} (runs {chained}, then nsmount)"]
+        done += [f"move {qemu} to {chained}", f"write {qemu} (runs {chained}, then nsmount)"]
         if not dry_run:
-            os.rename(path, chained)
-            _write_exec(path, _legacy_wrapper(chained))
+            os.rename(qemu, chained)
+            _write_exec(qemu, _legacy_wrapper(chained))
     else:
-        done.append(f"write {path}")
+        done.append(f"write {qemu}")
         if not dry_run:
             os.makedirs(hooks_dir, mode=0o755, exist_ok=True)
-            _write_exec(path, hook_script())
+            _write_exec(qemu, hook_script())
+    return done
+
+
+def uninstall(hooks_dir: str, *, legacy: bool = False, dry_run: bool = False) -> list[str]:
+    """Remove exactly what :func:`install` put there; a chained legacy hook goes back to
+    ``hooks/qemu``.  A file that is not nsmount's is never touched."""
+    path, qemu, chained = _paths(hooks_dir)
+    done: list[str] = []
+    if not legacy:
+        if not os.path.lexists(path):
+            return [f"{path} not installed"]
+        if not _ours(path):
+            raise NsmountError(f"{path} is not nsmount's; refusing to remove it")
+        done.append(f"remove {path}")
+        if not dry_run:
+            os.unlink(path)
+        return done
+    if not os.path.lexists(qemu):
+        if os.path.lexists(chained):
+            done.append(f"move {chained} back to {qemu}")
+            if not dry_run:
+                os.rename(chained, qemu)
+            return done
+        return [f"{qemu} not installed"]
+    if not _ours(qemu):
+        raise NsmountError(f"{qemu} is not nsmount's; refusing to remove it")
+    if os.path.lexists(chained):
+        done.append(f"move {chained} back to {qemu} (replacing nsmount's wrapper)")
+        if not dry_run:
+            os.rename(chained, qemu)
+    else:
+        done.append(f"remove {qemu}")
+        if not dry_run:
+            os.unlink(qemu)
     return done
 
 
@@ -136,11 +205,3 @@ def _write_exec(path: str, text: str) -> None:
         fh.write(text)
     os.chmod(tmp, 0o755)
     os.replace(tmp, path)
-
-
-def cmd_install_hook(args: argparse.Namespace) -> int:
-    for line in install(args.hooks_dir, legacy=args.legacy, dry_run=args.dry_run):
-        print(("would " if args.dry_run else "") + line)
-    if not args.legacy:
-        print("note: libvirt >= 6.5 runs hooks in qemu.d/; restart libvirtd to pick it up")
-    return 0

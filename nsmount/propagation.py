@@ -8,9 +8,6 @@ the host namespace, and only with ``--fix`` (``--dry-run`` shows it first).
 
 from __future__ import annotations
 
-import argparse
-import json
-
 from .errors import from_oserror
 from .hoststate import HostState
 from .kernel import consts as C
@@ -34,26 +31,25 @@ def check(paths: list[str] | None = None) -> list[dict[str, object]]:
     return out
 
 
-def cmd_propagation(args: argparse.Namespace) -> int:
-    rows = check(args.mountpoints or None)
-    bad = [r for r in rows if not r["ok"] and r["mounted"]]
-    if args.fix and bad and not args.dry_run:
-        for r in bad:
-            try:
-                syscalls.mount(None, str(r["path"]), None, C.MS_SHARED | C.MS_REC)
-            except OSError as exc:
-                raise from_oserror(exc, f"cannot make {r['path']} rshared") from None
-        rows = check(args.mountpoints or None)
-        bad = [r for r in rows if not r["ok"] and r["mounted"]]
-    if args.json:
-        print(json.dumps({"mounts": rows, "ok": not bad}, indent=1))
-    else:
-        for r in rows:
-            state = r["propagation"] if r["mounted"] else "not mounted"
-            flag = "ok " if r["ok"] else ("-- " if not r["mounted"] else "BAD")
-            print(f"{flag} {r['path']:<30} {state}")
-        if bad:
-            verb = "would run" if args.dry_run else "fix with"
-            print(f"{verb}: " + "; ".join(f"mount --make-rshared {r['path']}" for r in bad)
-                  + ("" if args.fix else "  (or: nsmount propagation --fix)"))
-    return 0 if not bad else 2 if args.fix and not args.dry_run else 1
+def make_rshared(rows: list[dict[str, object]], *, dry_run: bool = False) -> list[str]:
+    """``mount --make-rshared`` every mounted row that is not shared; returns the paths
+    changed (or, with ``dry_run``, that would be).  The one change to the host namespace."""
+    from . import audit
+
+    done = []
+    for r in rows:
+        if r["ok"] or not r["mounted"]:
+            continue
+        path = str(r["path"])
+        done.append(path)
+        if dry_run:
+            continue
+        try:
+            syscalls.mount(None, path, None, C.MS_SHARED | C.MS_REC)
+        except OSError as exc:
+            err = from_oserror(exc, f"cannot make {path} rshared")
+            audit.log_host("make-rshared", path, before=str(r["propagation"]),
+                           after="shared", result=f"failed: {err.oneline()}")
+            raise err from None
+        audit.log_host("make-rshared", path, before=str(r["propagation"]), after="shared")
+    return done

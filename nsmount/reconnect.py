@@ -9,10 +9,7 @@ VM gets a result line (ok / repaired / failed with the reason).
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -24,7 +21,6 @@ from .kernel import consts as C
 from .kernel import syscalls
 from .locks import drop_lock, vm_lock
 from .model import record
-from .model.display import escape_name, safe_line
 from .model.spec import VmSpec
 from .session import Outcome, VmSession, ensure_host_hugepage_dirs, failure, host_ns_fd
 from .sources import (
@@ -272,44 +268,3 @@ def _process(c: Candidate, host: HostState, hfd: int, dry_run: bool, sdir: str |
 def reconnect_one(target: str | int, **kw: Any) -> Report:
     pid, domain = resolve_target(str(target), lvdir=kw.get("lvdir"))
     return reconnect(candidates=[Candidate(pid, "target", domain)], **kw)
-
-
-# ------------------------------------------------------------------- CLI
-def _progress_printer() -> Callable[[int, int, int], None] | None:
-    if not sys.stderr.isatty():
-        return None
-
-    def show(done: int, total: int, failed: int) -> None:
-        if total >= 20 and (done == total or done % 10 == 0):
-            sys.stderr.write(f"\rreconnect: {done}/{total} VMs, {failed} failed")
-            if done == total:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
-
-    return show
-
-
-def cmd_reconnect(args: argparse.Namespace) -> int:
-    kw: dict[str, Any] = {"dry_run": args.dry_run, "jobs": args.jobs or os.cpu_count() or 1,
-                          "sdir": args.state_dir, "timeout": args.timeout,
-                          "lvdir": args.libvirt_state_dir, "progress": _progress_printer()}
-    if args.target:
-        rep = reconnect_one(args.target, **kw)
-    else:
-        rep = reconnect(scan=not args.no_scan, **kw)
-    if args.json:
-        print(json.dumps(rep.to_dict(), indent=1, default=str))
-    else:
-        for o in rep.outcomes:
-            who = (f"{escape_name(o.name or 'vm')} (pid {o.pid})" if o.pid > 0
-                   else escape_name(o.name or "?"))
-            what = o.error if o.status == "failed" else (
-                f"{len(o.actions)} action(s)" if o.actions else "nothing to do")
-            print(safe_line(f"{o.status:<12} {who}: {what}"))
-            for w in o.warnings:
-                print(safe_line(f"{'':12} warning: {w}"))
-        s = rep.summary()
-        print(f"{s['total']} VM(s): {s['ok']} ok, {s['repaired']} repaired, "
-              f"{s['would-repair']} would repair, {s['failed']} failed "
-              f"in {rep.seconds:.3f}s")
-    return rep.exit_code

@@ -1,14 +1,11 @@
 """Face 2: inspect, repair, hotplug and run-in for one running VM.
 
 Library calls (``inspect``, ``repair``, ``device_add``, ``device_remove``) return an
-:class:`~nsmount.session.Outcome`; the ``cmd_*`` functions are the CLI's thin
-wrappers around them.
+:class:`~nsmount.session.Outcome`; they never print (the CLI is :mod:`nsmount.cli`).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -127,6 +124,9 @@ def device_remove(target: str | int, paths: Sequence[str], *, dry_run: bool = Fa
                        source=spec.source)
         out = _run(t, empty, host, dry_run=dry_run, nodes_only=True, extra=acts,
                    timeout=_timeout(kw))
+        if out.status == "repaired" and all(r.ok and r.note == "already absent"
+                                            for r in out.results):
+            out.status = "ok"  # nothing was there to remove: nothing changed
         if not dry_run and out.status != "failed":
             update_record(t, spec.without_devices(clean), kw.get("sdir"))  # type: ignore[arg-type]
         return out
@@ -218,103 +218,6 @@ def _refuse_in_vm(msg: str, code: int = UnsafePathError.exit_code) -> int:
     lazy imports): report and leave with the exit code."""
     os.write(2, f"nsmount: error: {safe_line(msg)}\n".encode("utf-8", "backslashreplace"))
     return code
-
-
-# ------------------------------------------------------------------- CLI
-def _kw(args: argparse.Namespace) -> dict[str, object]:
-    from .cli import _load_spec
-
-    return {"explicit": _load_spec(args, required=False), "lvdir": args.libvirt_state_dir,
-            "sdir": args.state_dir, "timeout": args.timeout}
-
-
-def _exit(out: Outcome) -> int:
-    if out.status == "failed":
-        return out.error_code or 2
-    return 1 if out.status == "repaired" else 0
-
-
-def print_outcome(out: Outcome, *, as_json: bool, verb: str) -> None:
-    if as_json:
-        print(json.dumps(out.to_dict(), indent=1, default=str))
-        return
-    lines = []
-    who = f"{escape_name(out.name)} (pid {out.pid})" if out.name else f"pid {out.pid}"
-    lines.append(f"{who}: spec from {out.source}")
-    lines += [f"  warning: {w}" for w in out.warnings]
-    lines += [f"  drift: {d.describe()}" for d in out.drifts]
-    if out.results:
-        for r in out.results:
-            mark = "ok  " if r.ok else "FAIL"
-            tail = f" ({r.error})" if r.error else (f" ({r.note})" if r.note else "")
-            lines.append(f"  {mark} {r.action.describe()}{tail}")
-    elif out.actions:
-        lines.append(f"  would {verb}:" if out.status == "would-repair" else "  plan:")
-        lines += [f"    - {a.describe()}" for a in out.actions]
-    if out.error and not out.results:
-        lines.append(f"  error: {out.error}")
-    lines.append(f"  status: {out.status}")
-    for line in lines:
-        print(safe_line(line))
-
-
-def cmd_inspect(args: argparse.Namespace) -> int:
-    out = inspect(args.target, **_kw(args))
-    if args.json:
-        print(json.dumps(out.to_dict(), indent=1, default=str))
-        return 0
-    lines = [f"{escape_name(out.name or 'vm')} (pid {out.pid}), spec from {out.source}",
-             "mounts:"]
-    for m in out.extra.get("mounts", []):
-        prop = m["propagation"]
-        if m.get("peer_group"):
-            prop += f" peer:{m['peer_group']}"
-        if m.get("master"):
-            prop += f" master:{m['master']}"
-        # escaped: a name with a newline must not forge a line
-        lines.append(f"  {escape_name(m['target']):<32} {escape_name(m['fstype']):<10} "
-                     f"{escape_name(m['source']):<14} {prop}")
-    for m in out.extra.get("hidden_mounts", []):
-        lines.append(f"  (hidden) {escape_name(m['target'])} {escape_name(m['fstype'])} "
-                     f"mount id {m['id']}")
-    lines.append(f"/dev ({escape_name(out.extra.get('dev_fstype'))}):")
-    for e in out.extra.get("dev", []):
-        desc = escape_name(e["target"]) if e.get("target") else (
-            f"{e.get('major', '')}{':' if 'major' in e else ''}"
-            f"{e.get('minor', '')} {e.get('mode', '')} {e.get('uid', '')}:{e.get('gid', '')}")
-        mark = "  [mount]" if e.get("mount") else ""
-        lines.append(f"  {escape_name(e['path']):<32} {e['kind']:<4} {desc}{mark}")
-    lines.append("drift:" if out.drifts else "drift: none")
-    lines += [f"  {d.describe()}" for d in out.drifts]
-    lines += [f"warning: {w}" for w in out.warnings]
-    for line in lines:
-        print(safe_line(line))
-    return 0
-
-
-def cmd_repair(args: argparse.Namespace) -> int:
-    out = repair(args.target, dry_run=args.dry_run, rebuild_dev=args.rebuild_dev, **_kw(args))
-    print_outcome(out, as_json=args.json, verb="repair")
-    return _exit(out)
-
-
-def cmd_device_add(args: argparse.Namespace) -> int:
-    out = device_add(args.target, args.paths, dry_run=args.dry_run, **_kw(args))
-    print_outcome(out, as_json=args.json, verb="add")
-    return _exit(out) if out.status == "failed" else 0
-
-
-def cmd_device_remove(args: argparse.Namespace) -> int:
-    out = device_remove(args.target, args.paths, dry_run=args.dry_run, **_kw(args))
-    print_outcome(out, as_json=args.json, verb="remove")
-    return _exit(out) if out.status == "failed" else 0
-
-
-def cmd_run_in(args: argparse.Namespace) -> int:
-    argv = list(args.command)
-    if argv and argv[0] == "--":
-        argv = argv[1:]
-    run_in(args.target, argv, lvdir=args.libvirt_state_dir, sdir=args.state_dir)
 
 
 __all__ = [

@@ -172,7 +172,7 @@ def test_rebuild_plan_is_one_swap() -> None:
 def test_actions_serialise() -> None:
     for a in plan_launch(desired(), ("/dev/pts",)):
         d = a.to_dict()
-        assert d["action"] == a.name and isinstance(d["description"], str)
+        assert d["action"] == a.kind and isinstance(d["description"], str)
 
 
 def test_dev_that_is_not_the_vms_own_is_never_written() -> None:
@@ -190,7 +190,7 @@ def test_dev_that_is_not_the_vms_own_is_never_written() -> None:
         for h in d.mounts:
             obs.mounts[h.path] = MountState(h.path, "missing-mountpoint")
         drifts, acts = diff(d, obs)
-        assert [x.kind for x in drifts if not x.fixable][0] == "foreign-dev", why
+        assert next(x.kind for x in drifts if not x.fixable) == "foreign-dev", why
         assert not [a for a in acts if isinstance(a, (MakeNode, MakeDir, MakeSymlink,
                                                       FixNode))], why
         # mount points are not created there either: unfixable, nothing planned
@@ -219,5 +219,5 @@ def test_stacked_mounts_only_the_top_is_visible_and_relinked() -> None:
     d = desired(host_mounts=(host,))
     obs = clean_observed(d)
     obs.tree = tuple(tree.visible())
-    drifts, acts = diff(d, obs)
+    _drifts, acts = diff(d, obs)
     assert [a for a in acts if isinstance(a, RelinkMount)] == [RelinkMount("/proc")]
