@@ -23,7 +23,7 @@ def _load_spec(args: argparse.Namespace, required: bool = True) -> Any:
     from .model.spec import VmSpec
 
     if getattr(args, "domain_xml", None):
-        from .model.libvirt_xml import spec_from_domain_xml
+        from .libvirtspec import spec_from_domain_xml
 
         return spec_from_domain_xml(_read(args.domain_xml))
     if getattr(args, "spec", None):
@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="count", default=0)
     p.add_argument("--state-dir", help="nsmount state dir (default $NSMOUNT_STATE_DIR or "
                    "/run/nsmount)")
+    p.add_argument("--libvirt-config", metavar="FILE", help="libvirt's qemu.conf (default "
+                   "$NSMOUNT_LIBVIRT_CONFIG or /etc/libvirt/qemu.conf)")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     def spec_opts(sp: argparse.ArgumentParser) -> None:
@@ -170,6 +172,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-scan", action="store_true", help="skip the process-table scan")
     sp.set_defaults(func=_lazy("reconnect", "cmd_reconnect"))
 
+    sp = sub.add_parser("spec", help="show what nsmount derives for a VM and why "
+                        "(pure: no root, changes nothing)")
+    sp.add_argument("target", nargs="?", metavar="TARGET",
+                    help="PID, pid:N or a libvirt domain name")
+    spec_opts(sp)
+    sp.add_argument("--libvirt-config", metavar="FILE", default=argparse.SUPPRESS,
+                    help="libvirt's qemu.conf")
+    sp.add_argument("--libvirt-state-dir")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=_lazy("specreport", "cmd_spec"))
+
     sp = sub.add_parser("libvirt-hook", help="entry point for /etc/libvirt/hooks/qemu")
     sp.add_argument("hook_args", nargs="*")
     sp.set_defaults(func=_lazy("hook", "cmd_hook"))
@@ -186,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "libvirt_config", None):  # seen by every spec source, workers too
+        os.environ["NSMOUNT_LIBVIRT_CONFIG"] = args.libvirt_config
     logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
                         format="nsmount: %(levelname)s: %(message)s")
     try:
