@@ -92,6 +92,7 @@ class _Lexer:
             if depth:
                 raise self.error("nested lists are not allowed")
             self.pos += 1
+            start = self.line
             items: list[Any] = []
             while True:
                 self.skip(newlines=True)
@@ -99,9 +100,11 @@ class _Lexer:
                     self.pos += 1
                     return items
                 if self.peek() == "":
-                    raise self.error("unterminated list")
+                    raise self.error("unterminated list", start)
                 items.append(self.value(depth + 1))
                 self.skip(newlines=True)
+                if self.peek() == "":
+                    raise self.error("unterminated list", start)
                 if self.peek() == ",":
                     self.pos += 1
                 elif self.peek() != "]":
