@@ -187,8 +187,8 @@ def test_non_string_json_selectors_are_ignored(value: str) -> None:
 
 def test_dotdot_outside_dev_is_fine_into_dev_is_refused_alone() -> None:
     # libvirt and QEMU accept '..': outside /dev it is quietly not ours
-    spec = spec_from_cmdline(["qemu", "-drive", "file=/dev/../etc/shadow",
-                              "-blockdev", '{"driver":"host_device","filename":"/dev/sda/../../root"}',
+    blockdev = '{"driver":"host_device","filename":"/dev/sda/../../root"}'
+    spec = spec_from_cmdline(["qemu", "-drive", "file=/dev/../etc/shadow", "-blockdev", blockdev,
                               "-drive", "file=/var/lib/../img/a.qcow2,if=none"])
     assert spec.devices == () and spec.refused == ()
     # a path reaching /dev through '..' is refused for that option only
