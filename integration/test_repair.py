@@ -328,9 +328,16 @@ def test_bad_targets() -> None:
             fcntl.flock(fd, fcntl.LOCK_EX)
             rep = subprocess.Popen([PY, "-m", "nsmount", "repair", str(victim.pid)],
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            wait_for(lambda: any(os.readlink(f"/proc/{rep.pid}/fd/{f}") == lock
-                                 for f in os.listdir(f"/proc/{rep.pid}/fd")),
-                     "repair to open the lock")
+            def holds_lock() -> bool:
+                for f in os.listdir(f"/proc/{rep.pid}/fd"):
+                    try:  # the fd may close between listdir and readlink
+                        if os.readlink(f"/proc/{rep.pid}/fd/{f}") == lock:
+                            return True
+                    except FileNotFoundError:
+                        pass
+                return False
+
+            wait_for(holds_lock, "repair to open the lock")
             stop(victim)
             os.close(fd)
             out, err = rep.communicate(timeout=30)

@@ -145,6 +145,9 @@ def _global_opts(p: argparse.ArgumentParser, *, sub: bool) -> None:
     g.add_argument("--libvirt-state-dir", metavar="DIR", default=d(None),
                    help="libvirt's QEMU state dir (default $NSMOUNT_LIBVIRT_STATE_DIR or "
                    "/run/libvirt/qemu)")
+    g.add_argument("--libvirt-config", metavar="FILE", default=d(None),
+                   help="libvirt's qemu.conf: cgroup_device_acl, hugetlbfs_mount, user/group "
+                   "(default $NSMOUNT_LIBVIRT_CONFIG or /etc/libvirt/qemu.conf)")
 
 
 def build_parser() -> Parser:
@@ -235,6 +238,13 @@ def build_parser() -> Parser:
                     help="worker processes (default: one per CPU)")
     sp.add_argument("--no-scan", action="store_true", help="skip the process-table scan")
     timeout_opt(sp)
+
+    sp = add("spec", "show what nsmount derives for a VM and why (pure: no root, changes "
+             "nothing)", cmd_spec)
+    sp.add_argument("target", nargs="?", metavar="TARGET",
+                    help="PID, pid:N or a libvirt domain name (or give --domain-xml/--spec)")
+    spec_opts(sp)
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
 
     sp = add("libvirt-hook", "entry point for libvirt's qemu hook (never fails)", cmd_hook)
     sp.add_argument("hook_args", nargs=argparse.REMAINDER, metavar="DOMAIN OP SUBOP EXTRA")
@@ -403,6 +413,18 @@ def cmd_device(args: argparse.Namespace, out: P.Out) -> int:
 
 def cmd_missing_sub(args: argparse.Namespace, out: P.Out) -> int:  # pragma: no cover
     raise UsageError("device: add or remove?")
+
+
+def cmd_spec(args: argparse.Namespace, out: P.Out) -> int:
+    from .specreport import build_report, format_text
+
+    rep = build_report(args)
+    if args.json:
+        out.json(rep)
+    else:
+        for line in format_text(rep):
+            out.data(line)
+    return EX_OK
 
 
 def cmd_run_in(args: argparse.Namespace, out: P.Out) -> int:
@@ -600,6 +622,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.quiet and args.verbose:
             raise UsageError("-q and -v contradict each other")
         _setup_logging(args.verbose, args.quiet)
+        if getattr(args, "libvirt_config", None):  # seen by every spec source, workers too
+            os.environ["NSMOUNT_LIBVIRT_CONFIG"] = args.libvirt_config
         log.debug("nsmount %s, arguments %s", __version__, vars(args))
         out.quiet = args.quiet
         return int(args.func(args, out) or 0)

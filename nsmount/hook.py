@@ -36,7 +36,7 @@ def run_hook(argv: list[str], stdin_text: str, *, lvdir: str | None = None) -> l
         from dataclasses import replace
 
         from . import audit
-        from .model.libvirt_xml import spec_from_domain_xml
+        from .libvirtspec import spec_from_domain_xml
         from .reconnect import Candidate, reconnect
         from .sources import libvirt_state_dir, read_pidfile
 

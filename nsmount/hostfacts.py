@@ -141,7 +141,38 @@ def resolve_spec(spec: VmSpec, *, root: str = "/",
             if req.required:
                 raise DeviceMissingError(f"required device {req.path}: {exc.strerror}") from None
             skipped.append(Skipped(req, exc.strerror or str(exc)))
+    ok.extend(dm_target_entries(ok, root=root))
     if not quiet:
         for s in skipped:
             log.warning("skipping optional device %s: %s", s.request.path, s.reason)
     return ok, skipped
+
+
+def dm_target_entries(resolved: list[Resolved], *, root: str = "/") -> list[Resolved]:
+    """Device-mapper targets of every block device resolved (libvirt follows a disk's
+    dm table the same way): ``/dev/block/M:m`` when the host has that link, and the
+    node ``/dev/<kernel name>`` when its rdev matches.  Looked up now, at build time:
+    a dm table can change between VM starts."""
+    from . import sysfs
+
+    have = {r.request.path for r in resolved}
+    out: list[Resolved] = []
+    sys_root = "/sys" if root == "/" else _host(root, "/sys")
+    for r in resolved:
+        node = r.node
+        if node.kind != "blk":
+            continue
+        for name, major, minor in sysfs.dm_targets(node.major, node.minor, sys_root):
+            for path in (f"/dev/block/{major}:{minor}", f"/dev/{name}"):
+                if path in have:
+                    continue
+                try:
+                    entries = resolve(path, root=root)
+                except (OSError, NsmountError):
+                    continue
+                if entries[-1].kind != "blk" or (entries[-1].major, entries[-1].minor) != (
+                        major, minor):
+                    continue
+                have.add(path)
+                out.append(Resolved(DeviceRequest(path, required=False), entries))
+    return out

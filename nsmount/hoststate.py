@@ -41,7 +41,13 @@ class HostState:
         tree = MountTree(mountinfo.read("self"))
         dps = default_hugepage_size()
         subs = tuple(HostMount.from_mount(m, dps) for m in dev_submounts(tree))
-        return cls(tree, subs, tuple(hugetlbfs_mounts(tree, dps)))
+        huge = hugetlbfs_mounts(tree, dps)
+        from .libvirtspec import configured_hugetlbfs
+
+        only = configured_hugetlbfs()  # qemu.conf's hugetlbfs_mount, when set
+        if only is not None:
+            huge = [h for h in huge if h.path in only]
+        return cls(tree, subs, tuple(huge))
 
     def mount_at(self, path: str) -> HostMount | None:
         from .model.hostmounts import visible_top

@@ -44,7 +44,7 @@ def libvirt_status(name: str, lvdir: str | None = None) -> tuple[int, VmSpec] | 
         text = read_state_text(path, limit=MAX_XML)
     except FileNotFoundError:
         return None
-    from .model.libvirt_xml import spec_from_status_xml
+    from .libvirtspec import spec_from_status_xml
 
     try:
         return spec_from_status_xml(text)

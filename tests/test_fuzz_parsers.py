@@ -20,7 +20,10 @@ from hypothesis import strategies as st
 
 from nsmount.errors import SpecError
 from nsmount.model import mountinfo
-from nsmount.model.libvirt_xml import spec_from_domain_xml, spec_from_status_xml
+from nsmount.libvirtspec import HostContext, LoadedConf
+from nsmount.libvirtspec import spec_from_domain_xml as host_spec_from_domain_xml
+from nsmount.model.libvirt_xml import derive_domain_xml, spec_from_domain_xml, spec_from_status_xml
+from nsmount.model.qemu_conf import QemuConf, parse_qemu_conf
 from nsmount.model.qemu_cmdline import spec_from_cmdline, spec_from_proc_cmdline
 from nsmount.model.spec import VmSpec
 
@@ -214,7 +217,8 @@ def _el(tag: str, attrs: dict[str, str] | None = None, *kids: ET.Element,
 def libvirt_device(draw: st.DrawFn) -> ET.Element:
     """One <devices> child shaped like libvirt's, with drawn types and paths."""
     kind = draw(st.sampled_from(["disk", "hostdev", "tpm", "rng", "chardev", "interface",
-                                 "input", "graphics", "memory", "video"]))
+                                 "input", "graphics", "memory", "video", "hostdev2", "mirror",
+                                 "dimm"]))
     path = draw(XML_PATHS)
     typ = draw(ATTRS["type"])
     if kind == "disk":
@@ -230,6 +234,28 @@ def libvirt_device(draw: st.DrawFn) -> ET.Element:
         return _el("disk", {"type": typ}, src, chain)
     if kind == "hostdev":
         return _el("hostdev", {"mode": draw(ATTRS["mode"]), "type": typ}, _el("source"))
+    if kind == "hostdev2":  # addresses as libvirt writes them, and junk
+        num = st.one_of(st.sampled_from(["0x0000", "0x06", "017", "9", "0x1f", "x", "",
+                                         "0x" + "f" * 12]), st.text(XML_CHARS, max_size=4))
+        addr = {k: draw(num) for k in ("domain", "bus", "slot", "function", "device")}
+        if draw(st.booleans()):
+            addr["uuid"] = draw(st.sampled_from(["c2177883-f1bb-47f0-914d-32a22e3a8804",
+                                                 "../../x", ""]))
+        kids = [_el("address", addr), _el("adapter", {"name": draw(st.sampled_from(
+            ["scsi_host2", "scsi_hostx", "", "scsi_host" + "9" * 30]))}),
+            _el("vendor", {"id": draw(num)}), _el("product", {"id": draw(num)})]
+        return _el("hostdev", {"mode": "subsystem", "type": draw(st.sampled_from(
+            ["pci", "mdev", "usb", "scsi", "scsi_host"]))},
+            _el("source", {"protocol": draw(st.sampled_from(["vhost", "iscsi", ""]))},
+                *draw(st.lists(st.sampled_from(kids), max_size=4))))
+    if kind == "mirror":
+        return _el("disk", {}, _el("source", {"file": path}),
+                   _el("mirror", {"type": typ, "file": draw(XML_PATHS)},
+                       _el("source", {"dev": draw(XML_PATHS), "file": path})))
+    if kind == "dimm":
+        return _el("memory", {"model": draw(st.sampled_from(["dimm", "virtio-mem"]))},
+                   _el("source", {}, _el("pagesize", {"unit": draw(ATTRS["unit"])},
+                                         text=draw(ATTRS["size"]))))
     if kind == "tpm":
         return _el("tpm", {}, _el("backend", {"type": typ}, _el("device", {"path": path})))
     if kind == "rng":
@@ -300,6 +326,43 @@ def test_domain_xml_arbitrary_text(text: str) -> None:
 @given(domain_xml())
 def test_domain_xml_plausible(text: str) -> None:
     _check(spec_from_domain_xml, text)
+
+
+#: a host with nothing: every sysfs lookup misses, qemu.conf absent
+_EMPTY_HOST = HostContext("/nonexistent-sysfs", "/nonexistent-dev",
+                          LoadedConf("qemu.conf", QemuConf()))
+
+
+@given(domain_xml())
+def test_domain_xml_with_host_and_report(text: str) -> None:
+    """The host-aware spec and the ``nsmount spec`` report never crash either."""
+    from nsmount.specreport import format_text, report_from_derivation
+
+    _check(lambda t: host_spec_from_domain_xml(t, ctx=_EMPTY_HOST), text)
+    try:
+        d = derive_domain_xml(text)
+    except SpecError:
+        return
+    rep = report_from_derivation(d, _EMPTY_HOST, source="domain-xml")
+    json.dumps(rep)
+    assert all("\n" not in line for line in format_text(rep))
+
+
+QEMU_CONF = st.lists(st.one_of(
+    st.sampled_from(['user = "root"', "group = '+107'", "cgroup_device_acl = [", '"/dev/kvm",',
+                     "]", "hugetlbfs_mount = \"/dev/hugepages\"", "x = -12", "# c", ";",
+                     'a = "unterminated', "= 1", "[", '"', "user = 5"]),
+    st.text(max_size=20)), max_size=8).map("\n".join)
+
+
+@given(QEMU_CONF)
+def test_qemu_conf_text(text: str) -> None:
+    try:
+        conf = parse_qemu_conf(text, "/etc/libvirt/qemu.conf")
+    except SpecError as exc:
+        assert "\n" not in str(exc) and str(exc).startswith("/etc/libvirt/qemu.conf:")
+        return
+    assert isinstance(conf, QemuConf)
 
 
 @given(domain_xml(), st.one_of(st.sampled_from(["1", "0", "-4", "", "x", "9" * 40]),

@@ -60,3 +60,29 @@ def relative(path: str, root: str) -> str:
     """``path`` relative to ``root`` (both canonical, path within root)."""
     rel = components(path)[len(components(root)):]
     return "/".join(rel)
+
+
+def dev_path_of(path: object, *, what: str = "path") -> tuple[str | None, str | None]:
+    """Classify a path a VM definition names: ``(node, None)``, ``(None, refusal)`` or
+    ``(None, None)``.
+
+    libvirt accepts relative paths and '..' in image paths, so they are no error:
+    a path outside /dev is normalised and quietly not ours (``(None, None)``); a
+    relative path never names a /dev node to libvirt.  Only an absolute path that
+    lands in /dev *through* '..' (``/var/../dev/sda``, ``/dev/x/../sda``) is refused,
+    with a one-line reason, so the caller can report that one device and go on.
+    """
+    if not isinstance(path, str) or not path:
+        return None, None
+    if "\0" in path:
+        return None, f"{what} {path[:60]!r} contains a NUL byte"
+    if not path.startswith("/"):
+        return None, None
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        norm = posixpath.normpath("/" + "/".join(parts))
+        if is_within(norm, "/dev"):
+            return None, f"{what} {path[:80]!r} reaches /dev through '..': refused"
+        return None, None
+    p = "/" + "/".join(parts)
+    return (p, None) if is_strictly_within(p, "/dev") else (None, None)

@@ -12,18 +12,20 @@ RNG, TPM, tap/vhost, evdev, render nodes, SEV) in both of QEMU's syntaxes:
 
 Only absolute paths under /dev become device requests; ``/dev/fdset/N`` is QEMU's
 name for an fd passed with ``-add-fd`` and is skipped.  Absolute paths are
-canonicalised (so '..' is a SpecError); relative or protocol values (``nbd:``,
-``disk.qcow2``) are legitimate QEMU and simply not ours.
+normalised; relative or protocol values (``nbd:``, ``disk.qcow2``) and '..' outside
+/dev are legitimate QEMU and simply not ours; a path that reaches /dev through '..'
+is refused for that one option (``VmSpec.refused``), not for the whole command line.
 """
 
 from __future__ import annotations
 
 import json
+import posixpath
 from collections.abc import Iterator
 from typing import Any
 
 from ..errors import SpecError
-from .paths import canonical, is_strictly_within, is_within
+from .paths import canonical, dev_path_of, is_within
 from .spec import DeviceRequest, VmSpec
 
 #: Options that take no argument; every other option consumes the next word, as
@@ -55,10 +57,13 @@ class _Acc:
         self.devices: dict[str, DeviceRequest] = {}
         self.hugepages: list[int] = []
         self.memory_paths: list[str] = []
+        self.refused: list[str] = []
 
     def dev(self, value: Any, required: bool = True) -> None:
-        path = _abs_path(value)
-        if path is None or not is_strictly_within(path, "/dev"):
+        path, why = dev_path_of(value, what="path in QEMU command line")
+        if why is not None and why not in self.refused:
+            self.refused.append(why)
+        if path is None:
             return
         if is_within(path, "/dev/fdset"):
             return
@@ -81,10 +86,11 @@ class _Acc:
 
 
 def _abs_path(value: Any) -> str | None:
-    """Canonical form of an absolute path value; None for anything else."""
-    if not isinstance(value, str) or not value.startswith("/"):
+    """Normalised form of an absolute path value ('..' resolved lexically: a memory
+    path is no /dev node); None for anything else (relative, NUL)."""
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
         return None
-    return canonical(value, what="path in QEMU command line")
+    return canonical(posixpath.normpath(value), what="path in QEMU command line")
 
 
 # ----------------------------------------------------------------- option syntax
@@ -321,7 +327,7 @@ def spec_from_cmdline(argv: list[str], *, source: str = "cmdline") -> VmSpec:
             handler(acc, value)
     return VmSpec(name=acc.name, uuid=acc.uuid, devices=tuple(acc.devices.values()),
                   hugepages=tuple(acc.hugepages), memory_paths=tuple(acc.memory_paths),
-                  source=source)
+                  source=source, refused=tuple(acc.refused))
 
 
 def spec_from_proc_cmdline(raw: bytes) -> VmSpec:

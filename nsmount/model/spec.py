@@ -60,6 +60,9 @@ class VmSpec:
     gid: int = 0
     #: where the spec came from: record, libvirt-status, domain-xml, cmdline, spec
     source: str = "spec"
+    #: devices the source named but nsmount refused (one line each: a path reaching
+    #: /dev through '..', an unusable address); reported, never fatal for the VM
+    refused: tuple[str, ...] = ()
 
     # ---------------------------------------------------------------- helpers
     @property
@@ -90,7 +93,7 @@ class VmSpec:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["devices"] = [{"path": r.path, "required": r.required} for r in self.devices]
-        for k in ("default_devices", "hugepages", "memory_paths", "mounts"):
+        for k in ("default_devices", "hugepages", "memory_paths", "mounts", "refused"):
             d[k] = list(d[k])
         return d
 
@@ -107,7 +110,7 @@ class VmSpec:
             raise SpecError("spec must be a table/object at the top level")
         known = {
             "name", "id", "domain_id", "uuid", "devices", "default_devices", "hugepages",
-            "memory_paths", "mounts", "uid", "gid", "source",
+            "memory_paths", "mounts", "uid", "gid", "source", "refused",
         }
         unknown = sorted(set(data) - known)
         if unknown:
@@ -147,11 +150,12 @@ class VmSpec:
             if uuid is not None and not isinstance(uuid, str):
                 raise SpecError("spec 'uuid' must be a string")
             src = source or data.get("source") or "spec"
+            refused = tuple(_str(x, "refused") for x in _list(data, "refused"))
         except (TypeError, ValueError) as exc:  # defensive: never leak raw errors
             raise SpecError(f"invalid spec: {exc}") from None
         return cls(name=name, domain_id=dom_id, uuid=uuid, devices=devices,
                    default_devices=defaults, hugepages=hugepages, memory_paths=mem,
-                   mounts=mounts, uid=uid, gid=gid, source=str(src))
+                   mounts=mounts, uid=uid, gid=gid, source=str(src), refused=refused)
 
     @classmethod
     def from_text(cls, text: str, *, filename: str = "<spec>") -> VmSpec:
