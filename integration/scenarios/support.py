@@ -217,7 +217,8 @@ def run(args: Sequence[object], *, timeout: float = 60, env: Mapping[str, str] |
     """``[prefix] python -m nsmount ARGS`` with a hard deadline; raw bytes kept.
 
     Returns rc (None when it had to be killed), out/err (UTF-8, undecodable bytes shown
-    as \\xNN), raw_nonascii (stdout had bytes >= 0x80), seconds, hung, traceback."""
+    as \\xNN), raw_nonascii (stdout had bytes >= 0x80), raw_bad_utf8 (stdout is not valid
+    UTF-8: a VM's undecodable name was printed as it is), seconds, hung, traceback."""
     e = dict(os.environ)
     e.update(env or {})
     t0 = time.monotonic()
@@ -237,6 +238,7 @@ def run(args: Sequence[object], *, timeout: float = 60, env: Mapping[str, str] |
         "seconds": round(time.monotonic() - t0, 2), "hung": hung,
         "traceback": "Traceback" in text or "Traceback" in etext,
         "raw_nonascii": any(b >= 0x80 for b in out),
+        "raw_bad_utf8": not _is_utf8(out),
     }
     try:
         res["json"] = json.loads(text)
@@ -263,4 +265,12 @@ def setup_failed(pre: Mapping[str, bool], **obs: Any) -> bool:
     if all(pre.values()):
         return False
     emit(pre=dict(pre), **obs)
+    return True
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
     return True
