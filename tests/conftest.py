@@ -21,6 +21,7 @@ import difflib
 import os
 import shutil
 import stat
+import subprocess
 import sys
 from collections.abc import Callable, Generator
 from pathlib import Path
@@ -82,8 +83,29 @@ def snapshot_dev(root: str = "/dev") -> list[str]:
     return lines
 
 
-def snapshot_host() -> dict[str, list[str]]:
-    return {"/proc/self/mountinfo": snapshot_mountinfo(), "/dev listing": snapshot_dev()}
+def snapshot_rootfs_dev() -> list[str]:
+    """The root filesystem's own /dev directory, hidden under the host's devtmpfs: a
+    product bug once wrote nodes there (a VM that ran ``umount -l /dev``), where no
+    listing of /dev can see them.  Looked at through a bind of / in a throwaway mount
+    namespace (nothing changes on the host)."""
+    unshare = shutil.which("unshare")
+    if unshare is None or os.geteuid() != 0:
+        return []
+    script = 'mount --bind / /mnt && ls -la --time-style=+ /mnt/dev | tail -n +2'
+    try:
+        proc = subprocess.run([unshare, "--mount", "--propagation", "private", "sh", "-c",
+                               script], capture_output=True, text=True, timeout=30,
+                              check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return [f"cannot look: {exc}"]
+    return proc.stdout.splitlines() if proc.returncode == 0 else [f"cannot look: {proc.stderr}"]
+
+
+def snapshot_host(*, deep: bool = False) -> dict[str, list[str]]:
+    snap = {"/proc/self/mountinfo": snapshot_mountinfo(), "/dev listing": snapshot_dev()}
+    if deep:
+        snap["root filesystem's own /dev directory"] = snapshot_rootfs_dev()
+    return snap
 
 
 def diff_snapshots(before: dict[str, list[str]], after: dict[str, list[str]],
@@ -110,13 +132,13 @@ class HostGuard:
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionstart(self, session: pytest.Session) -> None:
         if self.is_controller:
-            self.start = snapshot_host()
+            self.start = snapshot_host(deep=True)
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         if not self.is_controller or self.start is None:
             return
-        diff = diff_snapshots(self.start, snapshot_host())
+        diff = diff_snapshots(self.start, snapshot_host(deep=True))
         if not diff:
             return
         tr = self.config.pluginmanager.get_plugin("terminalreporter")
