@@ -10,13 +10,13 @@ VM is a stand-in (``nsmount exec --spec F -- sleep 1000``: default nodes + /dev/
 sandbox's /dev (/dev/loop1 for the single node, /dev/loop101..110 for the batch: nodes
 only, no loop device is attached).  Measured side by side, interleaved round-robin:
 
-  lib1       ``nsmount.repair.device_add(pid, ["/dev/loop1"])`` in-process (pin, lock,
+  lib1       ``nsmount.faces.repair.device_add(pid, ["/dev/loop1"])`` in-process (pin, lock,
              enter, observe, mknod+chown+chmod, record update)
   cli1       ``python3 -m nsmount device add PID /dev/loop1``: start -> exit
   nsenter1   ``nsenter -t PID -m mknod -m MODE /dev/loop1 b 7 1``: start -> exit
   lib10      ``device_add`` of 10 nodes in one call
   nsenter10  10x ``nsenter -t PID -m mknod ...`` (one per node, as an admin would)
-  repair_lib ``nsmount.repair.repair(pid)`` in-process on a VM damaged with
+  repair_lib ``nsmount.faces.repair.repair(pid)`` in-process on a VM damaged with
              ``rm /dev/null; chmod 600 /dev/zero; umount /dev/shm; make-private /``
   repair_cli ``python3 -m nsmount repair PID`` on the same damage
   pyfloor    ``python3 -c pass``: interpreter start-up, the floor under the CLI
@@ -114,45 +114,25 @@ def _check(pid: int, paths: list[str], what: str) -> None:
 
 
 def _profile(fn: Any, runs: int, reset: Any) -> dict[str, Any]:
-    """cProfile ``fn`` ``runs`` times, the namespace worker thread included (cProfile
-    only sees the thread that enabled it, so the worker gets its own profiler)."""
+    """cProfile ``fn`` ``runs`` times.  The per-VM work normally runs in a forked worker
+    (nsmount.pipeline.workers); here it runs in this process so one profiler sees all."""
     import cProfile
     import importlib
     import io
     import pstats
 
-    R = importlib.import_module("nsmount.repair")
-    orig = R.call_in_mntns
+    R = importlib.import_module("nsmount.faces.repair")
+    orig = R.run_one
     main, worker = cProfile.Profile(), cProfile.Profile()
-    active = False
-
-    def traced(ns_fd: int, f: Any, *args: Any, **kw: Any) -> Any:
-        def inner(*a: Any, **k: Any) -> Any:
-            worker.enable()
-            try:
-                return f(*a, **k)
-            finally:
-                worker.disable()
-
-        if not active:  # the untimed reset between runs
-            return orig(ns_fd, f, *args, **kw)
-        main.disable()  # the join is time spent in the worker, counted there
-        try:
-            return orig(ns_fd, inner, *args, **kw)
-        finally:
-            main.enable()
-
-    R.call_in_mntns = traced
+    R.run_one = lambda f, timeout: f()
     try:
         for _ in range(runs):
-            active = True
             main.enable()
             fn()
             main.disable()
-            active = False
             reset()
     finally:
-        R.call_in_mntns = orig
+        R.run_one = orig
     out: dict[str, Any] = {"runs": runs}
     for key in ("tottime", "cumulative"):
         buf = io.StringIO()
@@ -167,7 +147,7 @@ def sandbox_main(cfg: dict[str, Any]) -> None:
     """Runs as the sandbox's payload; prints one JSON line with every sample."""
     import importlib
 
-    R = importlib.import_module("nsmount.repair")  # nsmount.repair is also a function
+    R = importlib.import_module("nsmount.faces.repair")  # nsmount.faces.repair is also a function
 
     n, warmup = cfg["n"], cfg["warmup"]
     py = sys.executable

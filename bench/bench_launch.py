@@ -75,7 +75,7 @@ awk '$5 ~ "^/dev" {for (i = 7; i <= NF; i++) if ($i == "-") {print $5, $(i + 1);
 # =================================================================== sandbox side
 def _baseline_script(lp: Any, final: str) -> str:
     """The shell equivalent of the launch plan ``lp`` (nodes taken from the plan)."""
-    from nsmount.actions import MakeHugepageDir, MakeNode
+    from nsmount.engine.actions import MakeHugepageDir, MakeNode
 
     q = shlex.quote
     nodes = [a.entry for a in lp.actions if isinstance(a, MakeNode)]
@@ -107,7 +107,7 @@ def _baseline_script(lp: Any, final: str) -> str:
 
 def _rm_hugepage_dirs(lp: Any) -> None:
     """Remove the per-domain hugepage dir so every run really creates it (untimed)."""
-    from nsmount.actions import MakeHugepageDir
+    from nsmount.engine.actions import MakeHugepageDir
 
     for a in lp.actions:
         if isinstance(a, MakeHugepageDir):
@@ -118,7 +118,7 @@ def _rm_hugepage_dirs(lp: Any) -> None:
 
 
 def _inproc_child(w: int, spec: Any, prof_path: str | None) -> None:
-    from nsmount import launcher
+    from nsmount.faces import launcher
 
     prof = None
     if prof_path:
@@ -166,7 +166,7 @@ def run_inproc(spec: Any, prof_path: str | None = None) -> tuple[list[float], fl
 
 
 def run_launch(spec: Any) -> float:
-    from nsmount import launcher
+    from nsmount.faces import launcher
 
     t0 = time.perf_counter()
     vm = launcher.launch(spec, ["/bin/true"])
@@ -221,7 +221,7 @@ def _profile_summary(paths: list[str], top: int = 15) -> dict[str, Any]:
 
 def sandbox_main(cfg: dict[str, Any]) -> None:
     """Runs as the sandbox's payload; prints one JSON line with every sample."""
-    from nsmount import launcher
+    from nsmount.faces import launcher
     from nsmount.model.spec import VmSpec
 
     n, warmup = cfg["n"], cfg["warmup"]

@@ -2,7 +2,7 @@
 """Reconnect benchmark: N stand-in VMs need a hugetlbfs mount and their per-domain dir.
 
 For N in (10, 100, 1000) (``--sizes``), inside a private sandbox (tests/sandbox.py), with
-fresh VMs for every variant (``nsmount.launcher.launch``, ``sleep``; hugetlbfs mounted on
+fresh VMs for every variant (``nsmount.faces.launcher.launch``, ``sleep``; hugetlbfs mounted on
 the sandbox host at /dev/hugepages only after they started):
 
 * ``nsmount``  ``python3 -m nsmount reconnect --no-scan --json`` (whole CLI process:
@@ -42,7 +42,7 @@ from sandbox import run_in_sandbox  # noqa: E402
 
 SANDBOX_CODE = r'''
 import json, os, resource, signal, subprocess, sys, time
-from nsmount.launcher import launch
+from nsmount.faces.launcher import launch
 from nsmount.model.spec import VmSpec
 
 PY = sys.executable
@@ -135,32 +135,26 @@ print(json.dumps({"rc": int(bool(fails)), "wall": w,
 """
 
 PROF = r"""
-import cProfile, io, json, pstats, sys, threading
-from nsmount.reconnect import reconnect
+import cProfile, io, json, os, pstats
+from nsmount.engine.hoststate import HostState
+from nsmount.faces import reconnect as R
+from nsmount.pipeline.session import host_ns_fd
+# the per-VM work runs in forked workers; profile the same function in-process
+cands = R.discover(scan=False)
+host = HostState.read()
+hfd = host_ns_fd()
 prof = cProfile.Profile()
-profs = []
-def tprof(*a):
-    p = cProfile.Profile(); profs.append(p); p.enable()
-threading.setprofile(lambda *a: None)
-import nsmount.kernel.nsenter as ns, concurrent.futures.thread as cft
-orig = cft._worker
-def worker(*a, **k):
-    p = cProfile.Profile(); profs.append(p); p.enable()
-    try:
-        return orig(*a, **k)
-    finally:
-        p.disable()
-cft._worker = worker
 prof.enable()
-rep = reconnect(scan=False)
+outs = [R._process(c, host, hfd, False, None, None, True, 30.0) for c in cands]
 prof.disable()
 st = pstats.Stats(prof)
-for p in profs:
-    st.add(p)
 s = io.StringIO()
 st.stream = s
 st.sort_stats("tottime").print_stats(15)
-print(json.dumps({"summary": rep.summary(), "seconds": rep.seconds, "profile": s.getvalue()}))
+summary = {}
+for o in outs:
+    summary[o.status] = summary.get(o.status, 0) + 1
+print(json.dumps({"summary": summary, "seconds": 0, "profile": s.getvalue()}))
 """
 
 

@@ -1,6 +1,6 @@
 """Concurrent repair/reconnect runs over the same VMs converge like a single run.
 
-Ten stand-in VMs (``nsmount.launcher.launch``) are damaged (node removed, node
+Ten stand-in VMs (``nsmount.faces.launcher.launch``) are damaged (node removed, node
 chmodded, /dev/shm unmounted, a by-id symlink removed) and a hugetlbfs is mounted on
 the host late.  Then 8 runs start at once: 4 ``reconnect --no-scan`` and 4 loops of
 ``repair PID`` over all ten VMs in different orders.  Expected: exit codes only 0/1,
@@ -24,7 +24,7 @@ pytestmark = privileged
 
 CODE = r'''
 import collections, random
-from nsmount.launcher import launch
+from nsmount.faces.launcher import launch
 from nsmount.model.spec import VmSpec
 
 os.makedirs("/dev/disk/by-id"); os.symlink("../../loop1", "/dev/disk/by-id/usb-X")

@@ -1,6 +1,6 @@
 """Crash injection: every apply step, killed right after it, then a clean rerun converges.
 
-The step list comes from the code (``nsmount.actions.STEPS``), so a new step is covered
+The step list comes from the code (``nsmount.engine.actions.STEPS``), so a new step is covered
 automatically, and a step no scenario plans makes ``test_every_step_is_reachable``
 fail, naming it (coverage cannot shrink silently).
 
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sandbox import privileged, run_in_sandbox
 from test_hostile import PRELUDE
 
-from nsmount.actions import STEPS
+from nsmount.engine.actions import STEPS
 
 pytestmark = privileged
 
@@ -44,7 +44,7 @@ SCENARIOS = ("launch", "repair", "reconnect", "rebuild", "remove")
 DRIVER = r'''
 import collections
 STEPS = json.loads(os.environ["CRASH_STEPS"])
-from nsmount.actions import kebab
+from nsmount.engine.actions import kebab
 BY_KIND = {kebab(s): s for s in STEPS}  # JSON names the actions in kebab-case
 SCEN = os.environ["CRASH_SCENARIO"]
 ONLY_PLAN = os.environ.get("CRASH_ONLY_PLAN") == "1"
@@ -171,7 +171,7 @@ def test_crash_and_converge(scenario: str) -> None:
 
 
 def test_every_step_is_reachable() -> None:
-    """Every step of nsmount.actions.STEPS is planned by at least one scenario."""
+    """Every step of nsmount.engine.actions.STEPS is planned by at least one scenario."""
     planned: set[str] = set()
     for scenario in SCENARIOS:
         planned |= set(_run(scenario, only_plan=True)["planned"])

@@ -56,7 +56,7 @@ def nobody_cannot_run_nsmount() -> str | None:
         return "setpriv not installed"
     env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONDONTWRITEBYTECODE="1")
     try:
-        r = subprocess.run([*AS_NOBODY, sys.executable, "-c", "import nsmount.cli"], env=env,
+        r = subprocess.run([*AS_NOBODY, sys.executable, "-c", "import nsmount.cli.main"], env=env,
                            cwd="/", capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError) as exc:
         return f"cannot run Python as nobody: {exc}"

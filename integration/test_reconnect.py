@@ -1,7 +1,7 @@
 """Reconnect at scale and under bad input, in a sandbox playing a hypervisor host.
 
 Stand-in VMs are ``sleep 1000`` processes started with the library
-(``nsmount.launcher.launch``) from the sandbox's own Python process: one fork each,
+(``nsmount.faces.launcher.launch``) from the sandbox's own Python process: one fork each,
 no CLI start-up, so hundreds start in seconds.  hugetlbfs is mounted on the sandbox
 host only *after* the VMs started, the situation libvirt never repairs: the VM's /dev
 is its own tmpfs, so a hugetlbfs mounted under the host's /dev later never shows up
@@ -42,7 +42,7 @@ pytestmark = privileged
 #: helpers run inside every sandbox
 PRELUDE = r'''
 import json, os, signal, stat, subprocess, sys, time
-from nsmount.launcher import launch
+from nsmount.faces.launcher import launch
 from nsmount.model.spec import VmSpec
 from nsmount.kernel import consts as C, syscalls
 
@@ -323,8 +323,8 @@ def start_stacked_vm(i=0):
     # (a naive manager: unshare + mount, no detach).  Host mounts under /dev propagate
     # into the hidden copy: listed in the VM's mountinfo, not reachable.  nsmount gets a
     # launch record for it, as if it had started it.
-    from nsmount.model import record
-    from nsmount.target import starttime
+    from nsmount.state import record
+    from nsmount.state.target import starttime
     p = subprocess.Popen(["unshare", "-m", "--propagation", "slave", "sh", "-c",
                           "mount -t tmpfs -o mode=755,size=64k devfs /dev && "
                           "exec sleep 1000"])

@@ -302,7 +302,7 @@ def test_qemu_hotplug_loop_device() -> None:
 def test_bad_targets() -> None:
     sandbox('''
         import fcntl
-        from nsmount.target import starttime
+        from nsmount.state.target import starttime
 
         vm = start_vm()
         pid = vm.pid

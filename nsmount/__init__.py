@@ -35,49 +35,49 @@ __version__ = "0.1.0"
 
 
 def launch(spec: VmSpec, argv: list[str], **kw: Any) -> Any:
-    from .launcher import launch as _launch
+    from .faces.launcher import launch as _launch
 
     return _launch(spec, argv, **kw)
 
 
 def prepare(spec: VmSpec, **kw: Any) -> Any:
-    from .launcher import prepare as _prepare
+    from .faces.launcher import prepare as _prepare
 
     return _prepare(spec, **kw)
 
 
 def build(plan: Any) -> None:
-    from .launcher import build as _build
+    from .faces.launcher import build as _build
 
     _build(plan)
 
 
 def inspect(target: str | int, **kw: Any) -> Any:
-    from .repair import inspect as _inspect
+    from .faces.repair import inspect as _inspect
 
     return _inspect(target, **kw)
 
 
 def repair(target: str | int, **kw: Any) -> Any:
-    from .repair import repair as _repair
+    from .faces.repair import repair as _repair
 
     return _repair(target, **kw)
 
 
 def device_add(target: str | int, paths: list[str], **kw: Any) -> Any:
-    from .repair import device_add as _add
+    from .faces.repair import device_add as _add
 
     return _add(target, paths, **kw)
 
 
 def device_remove(target: str | int, paths: list[str], **kw: Any) -> Any:
-    from .repair import device_remove as _remove
+    from .faces.repair import device_remove as _remove
 
     return _remove(target, paths, **kw)
 
 
 def reconnect(**kw: Any) -> Any:
-    from .reconnect import reconnect as _reconnect
+    from .faces.reconnect import reconnect as _reconnect
 
     return _reconnect(**kw)
 

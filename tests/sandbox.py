@@ -1,7 +1,7 @@
 """Run Python code as a fake hypervisor "host" inside a private, throwaway sandbox.
 
 The sandbox is a new mount + PID + IPC namespace made with util-linux ``unshare`` (all mounts
-private, fresh /proc).  ``nsmount/sandbox_init.py`` runs as its PID 1 and makes it look like a
+private, fresh /proc).  ``nsmount/sandbox/init.py`` runs as its PID 1 and makes it look like a
 systemd hypervisor host: private tmpfs on /run, /tmp and /mnt; a tmpfs /dev with real device
 nodes copied from the host (null zero full random urandom tty ptmx kvm net/tun vhost-net
 loop-control loop0-7, when present) plus devpts (newinstance), /dev/shm and /dev/mqueue;
@@ -52,9 +52,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # one sandbox implementation, shared with `nsmount demo`
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
-from nsmount.sandbox import SETUP_FAILED, UNSHARE_ARGS  # noqa: E402
-from nsmount.sandbox import command as sandbox_command  # noqa: E402
-from nsmount.sandbox import environment as sandbox_environment  # noqa: E402
+from nsmount.sandbox.run import SETUP_FAILED, UNSHARE_ARGS  # noqa: E402
+from nsmount.sandbox.run import command as sandbox_command  # noqa: E402
+from nsmount.sandbox.run import environment as sandbox_environment  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,9 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from nsmount import __version__, cli, cli_print  # noqa: E402
-from nsmount.actions import STEPS, kebab  # noqa: E402
+from nsmount import __version__, cli  # noqa: E402
+from nsmount.cli import printers as cli_print  # noqa: E402
+from nsmount.engine.actions import STEPS, kebab  # noqa: E402
 
 EX_USAGE = 64
 

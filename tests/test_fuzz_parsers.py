@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 
 from nsmount.errors import SpecError
 from nsmount.model import mountinfo
-from nsmount.libvirtspec import HostContext, LoadedConf
-from nsmount.libvirtspec import spec_from_domain_xml as host_spec_from_domain_xml
+from nsmount.state.libvirtspec import HostContext, LoadedConf
+from nsmount.state.libvirtspec import spec_from_domain_xml as host_spec_from_domain_xml
 from nsmount.model.libvirt_xml import derive_domain_xml, spec_from_domain_xml, spec_from_status_xml
 from nsmount.model.qemu_conf import QemuConf, parse_qemu_conf
 from nsmount.model.qemu_cmdline import spec_from_cmdline, spec_from_proc_cmdline
@@ -336,7 +336,7 @@ _EMPTY_HOST = HostContext("/nonexistent-sysfs", "/nonexistent-dev",
 @given(domain_xml())
 def test_domain_xml_with_host_and_report(text: str) -> None:
     """The host-aware spec and the ``nsmount spec`` report never crash either."""
-    from nsmount.specreport import format_text, report_from_derivation
+    from nsmount.faces.specreport import format_text, report_from_derivation
 
     _check(lambda t: host_spec_from_domain_xml(t, ctx=_EMPTY_HOST), text)
     try:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nsmount.libvirtspec import HostContext, LoadedConf, spec_from_domain_xml
+from nsmount.state.libvirtspec import HostContext, LoadedConf, spec_from_domain_xml
 from nsmount.model.libvirt_xml import SYSTEM_PAGE_KIB, derive_domain_xml
 from nsmount.model.qemu_conf import QemuConf
 
@@ -311,7 +311,7 @@ def _blockdev(sysfs: Path, majmin: str, dm: bool, slaves: dict[str, str]) -> Non
 
 
 def test_dm_targets_recursive(host: Host) -> None:
-    from nsmount import sysfs
+    from nsmount.state import sysfs
 
     _blockdev(host.sys, "253:1", True, {"dm-0": "253:0", "sdb": "8:16"})
     _blockdev(host.sys, "253:0", True, {"sda": "8:0"})
@@ -325,7 +325,7 @@ def test_dm_targets_recursive(host: Host) -> None:
 def test_dm_targets_become_optional_requests(host: Host, monkeypatch: pytest.MonkeyPatch
                                             ) -> None:
     """hostfacts adds each dm target's node (rdev checked) at build time."""
-    from nsmount import hostfacts
+    from nsmount.engine import hostfacts
     from nsmount.model.devnode import Entry
     from nsmount.model.spec import DeviceRequest
 

@@ -8,7 +8,7 @@ from nsmount.errors import SpecError, UnsafePathError
 from nsmount.model.hostmounts import dev_submounts, hugetlbfs_mounts, parse_size
 from nsmount.model.mountinfo import MountTree, escape, parse, unescape
 from nsmount.model.paths import canonical, is_within, join_link
-from nsmount.model.record import Record
+from nsmount.state.record import Record
 from nsmount.model.spec import VmSpec
 
 MOUNTINFO = r"""27 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw

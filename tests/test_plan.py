@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from nsmount.actions import (FixNode, MakeDir, MakeHugepageDir, MakeNode, MakeSymlink,
+from nsmount.engine.actions import (FixNode, MakeDir, MakeHugepageDir, MakeNode, MakeSymlink,
                              PreserveMount, RelinkMount, ReplayMount, SwitchDev)
 from nsmount.model.devnode import Entry
 from nsmount.model.hostmounts import HostMount
 from nsmount.model.mountinfo import parse_line
-from nsmount.plan import Desired, MountState, Observed, diff, plan_launch, plan_rebuild
+from nsmount.engine.plan import Desired, MountState, Observed, diff, plan_launch, plan_rebuild
 
 NULL = Entry("/dev/null", "chr", 1, 3, 0o666)
 LOOP = Entry("/dev/loop0", "blk", 7, 0, 0o660, 0, 6)

@@ -14,16 +14,18 @@ from typing import Any
 
 import pytest
 
-from nsmount import hostfacts, launcher
-from nsmount.actions import (CreateDevTmpfs, MakeDir, MakeHugepageDir, MakeNode, MakeSymlink,
+from nsmount.engine import hostfacts
+
+from nsmount.faces import launcher
+from nsmount.engine.actions import (CreateDevTmpfs, MakeDir, MakeHugepageDir, MakeNode, MakeSymlink,
                              PreserveMount, SwitchDev)
 from nsmount.errors import DeviceMissingError, SpecError, UnsafePathError
-from nsmount.hostfacts import resolve, resolve_spec
-from nsmount.hoststate import HostState, effective_id, effective_name
+from nsmount.engine.hostfacts import resolve, resolve_spec
+from nsmount.engine.hoststate import HostState, effective_id, effective_name
 from nsmount.model.hostmounts import HostMount, dev_submounts, hugetlbfs_mounts
 from nsmount.model.mountinfo import MountTree
 from nsmount.model.spec import DeviceRequest, VmSpec
-from nsmount.plan import plan_launch
+from nsmount.engine.plan import plan_launch
 
 _real_resolve = hostfacts.resolve
 

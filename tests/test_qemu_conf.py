@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nsmount import libvirtspec
+from nsmount.state import libvirtspec
 from nsmount.model.qemu_conf import QemuConfError, parse_entries, parse_qemu_conf
 from nsmount.model.spec import DEFAULT_DEVICES
 

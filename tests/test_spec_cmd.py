@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nsmount.cli import main
+from nsmount.cli.main import main
 
 DOMAIN = """<domain type='kvm' id='7'>
   <name>db&#10;evil&#x9b;31m</name>

@@ -16,11 +16,12 @@ import pytest
 
 from nsmount.errors import CommandNotFoundError, SpecError
 from nsmount.kernel import fsops, syscalls
-from nsmount.model import elf, record
+from nsmount.model import elf
+from nsmount.state import record
 from nsmount.model.display import escape_name, safe_line
 from nsmount.model.spec import VmSpec
-from nsmount.statefile import StateFileError, read_state_file, read_state_text
-from nsmount.worker import run_all, run_one
+from nsmount.state.files import StateFileError, read_state_file, read_state_text
+from nsmount.pipeline.workers import run_all, run_one
 
 
 # ------------------------------------------------------------------ state files

@@ -3,7 +3,7 @@ loader (``PT_INTERP``) does the kernel start for it.
 
 The kernel looks the loader up by path in the namespace the process execs in, so
 for a binary executed inside a VM the loader is the VM's file unless it is proven
-to be the host's (see :func:`nsmount.repair.run_in`).
+to be the host's (see :func:`nsmount.faces.repair.run_in`).
 """
 
 from __future__ import annotations

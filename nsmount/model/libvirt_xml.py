@@ -11,7 +11,7 @@ asking libvirtd.
 This module is pure.  Some nodes are named by the host, not by the XML (a PCI
 device's IOMMU group, a SCSI address's ``sgN``, a USB device found by vendor and
 product, the render node libvirt picks for ``<gl enable='yes'/>``): those come out
-as :class:`HostLookup` items that :mod:`nsmount.libvirtspec` resolves through sysfs.
+as :class:`HostLookup` items that :mod:`nsmount.state.libvirtspec` resolves through sysfs.
 
 Paths: only paths under /dev become device requests.  libvirt accepts relative
 paths and '..' in image paths, so those are quietly not ours; a path that reaches
@@ -216,7 +216,7 @@ def derive_status_xml(text: str) -> tuple[int, Derivation]:
 
 def spec_from_domain_xml(text: str, *, source: str = "domain-xml") -> VmSpec:
     """The VmSpec of a domain, without consulting the host (host lookups are left out;
-    :func:`nsmount.libvirtspec.spec_from_domain_xml` resolves them)."""
+    :func:`nsmount.state.libvirtspec.spec_from_domain_xml` resolves them)."""
     return derive_domain_xml(text).to_spec(source=source)
 
 

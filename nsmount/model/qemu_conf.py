@@ -1,5 +1,5 @@
 """libvirt's ``qemu.conf``: the settings that decide what a VM's /dev and hugepage
-directories look like (pure parser; :mod:`nsmount.libvirtspec` loads the file).
+directories look like (pure parser; :mod:`nsmount.state.libvirtspec` loads the file).
 
 The syntax is libvirt's virConf: ``name = value`` entries separated by newlines or
 ``;``, ``#`` comments, values that are strings (``"..."`` or ``'...'``), integers

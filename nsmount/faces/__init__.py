@@ -1,0 +1,1 @@
+"""The faces over the one pipeline: launcher, repair, reconnect, hook, propagation, spec."""
