@@ -7,7 +7,8 @@ from nsmount.engine.actions import (FixNode, MakeDir, MakeHugepageDir, MakeNode,
 from nsmount.model.devnode import Entry
 from nsmount.model.hostmounts import HostMount
 from nsmount.model.mountinfo import parse_line
-from nsmount.engine.plan import Desired, MountState, Observed, diff, plan_launch, plan_rebuild
+from nsmount.engine.plan import diff, plan_launch, plan_rebuild
+from nsmount.model.namespace import Desired, MountState, Observed
 
 NULL = Entry("/dev/null", "chr", 1, 3, 0o666)
 LOOP = Entry("/dev/loop0", "blk", 7, 0, 0o660, 0, 6)

@@ -13,7 +13,8 @@ from ..model.hostmounts import HostMount, dev_submounts, hugetlbfs_mounts
 from ..model.mountinfo import MountTree
 from ..model.paths import canonical
 from ..model.spec import VmSpec
-from .plan import Desired, flatten_entries, hugepage_dirs_for
+from ..model.namespace import Desired
+from .plan import flatten_entries, hugepage_dirs_for
 
 
 def default_hugepage_size() -> int | None:

@@ -19,7 +19,8 @@ from ..kernel import fsops, syscalls
 from ..model.devnode import Entry
 from ..model.mountinfo import MountTree
 from ..model.paths import components, is_strictly_within
-from .plan import Desired, MountState, Observed, in_submount, parent_dirs
+from ..model.namespace import Desired, MountState, Observed
+from .plan import in_submount, parent_dirs
 
 
 _FSTYPES = {C.TMPFS_MAGIC: "tmpfs", C.HUGETLBFS_MAGIC: "hugetlbfs", C.DEVPTS_MAGIC: "devpts",

@@ -6,7 +6,6 @@ Nothing here touches the system, so every rule is unit-tested without root, and
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 
 from .actions import (
     Action,
@@ -23,31 +22,12 @@ from .actions import (
     SwitchDev,
 )
 from ..model.devnode import Entry
-from ..model.display import escape_name
 from ..model.hostmounts import HostMount
-from ..model.mountinfo import Mount
+from ..model.namespace import Desired, Drift, Observed
 from ..model.paths import components, is_strictly_within, is_within
 from ..model.shortname import hugepage_dir
 
 DEV = "/dev"
-
-
-# ------------------------------------------------------------------ desired
-@dataclass(frozen=True)
-class Desired:
-    """What one VM's namespace should hold, resolved against the host."""
-
-    entries: tuple[Entry, ...]          # nodes and symlinks under /dev, parents first
-    mounts: tuple[HostMount, ...]       # host mounts the VM must see
-    hugepage_dirs: tuple[tuple[str, str], ...] = ()  # (mount point, per-domain dir)
-    uid: int = 0
-    gid: int = 0
-    host_mounts: tuple[Mount, ...] = ()  # the host's visible mounts, for re-linking
-    #: st_dev of the /dev tmpfs nsmount built at launch (None: VM not launched by it)
-    dev_sb: int | None = None
-    #: st_dev of every mount in the host namespace: a VM /dev on one of these
-    #: superblocks is (a view of) a host filesystem, never the VM's own tmpfs
-    host_devs: frozenset[int] = frozenset()
 
 
 def flatten_entries(chains: list[tuple[Entry, ...]]) -> tuple[Entry, ...]:
@@ -126,48 +106,6 @@ def plan_launch(desired: Desired, submounts: tuple[str, ...]) -> list[Action]:
     for mount, path in desired.hugepage_dirs:
         acts.append(MakeHugepageDir(mount, path, desired.uid, desired.gid))
     return acts
-
-
-# ------------------------------------------------------------------ observed
-@dataclass(frozen=True)
-class MountState:
-    """How a host mount looks from inside the VM."""
-
-    path: str
-    state: str  # present | missing | missing-mountpoint | other | unsafe
-    detail: str = ""
-
-
-@dataclass
-class Observed:
-    """What the VM really sees, gathered from inside its namespace."""
-
-    dev_fstype: str = "tmpfs"
-    dev_id: int | None = None  # st_dev of what the VM sees at /dev
-    dev_mount_root: bool = True  # /dev is a mount of its own (not a directory of /)
-    entries: dict[str, Entry | None] = field(default_factory=dict)
-    unsafe: dict[str, str] = field(default_factory=dict)  # path -> what was planted
-    mounts: dict[str, MountState] = field(default_factory=dict)
-    tree: tuple[Mount, ...] = ()  # the namespace's visible mounts
-    hidden: tuple[Mount, ...] = ()  # listed in its mountinfo, covered by another mount
-    hugepage_dirs: dict[str, bool] = field(default_factory=dict)  # path -> exists
-
-
-@dataclass(frozen=True)
-class Drift:
-    kind: str  # missing-node, wrong-node, wrong-attrs, missing-mount, private-mount, ...
-    path: str
-    detail: str
-    #: False when nsmount will not fix it by itself (a foreign mount it won't stack on,
-    #: a mount point it won't create outside /dev): the run then reports failure
-    fixable: bool = True
-
-    def describe(self) -> str:
-        return f"{self.kind}: {escape_name(self.path)}: {self.detail}"
-
-    def to_dict(self) -> dict[str, object]:
-        return {"kind": self.kind, "path": self.path, "detail": self.detail,
-                "fixable": self.fixable}
 
 
 def _attrs_differ(want: Entry, have: Entry) -> bool:

@@ -31,7 +31,8 @@ from ..kernel import consts as C
 from ..kernel import syscalls
 from ..state import record
 from ..model.spec import VmSpec
-from ..engine.plan import Desired, plan_launch
+from ..engine.plan import plan_launch
+from ..model.namespace import Desired
 
 
 @dataclass

@@ -33,7 +33,8 @@ from ..kernel import syscalls
 from ..model.spec import VmSpec
 from ..engine.observe import dev_listing, observe, planted_symlinks
 from ..model.display import escape_name
-from ..engine.plan import Desired, Drift, diff, foreign_dev, plan_rebuild
+from ..engine.plan import diff, foreign_dev, plan_rebuild
+from ..model.namespace import Desired, Drift
 from ..state.target import Target
 
 
