@@ -139,13 +139,14 @@ import cProfile, io, json, os, pstats
 from nsmount.engine.hoststate import HostState
 from nsmount.faces import reconnect as R
 from nsmount.pipeline.session import host_ns_fd
+from nsmount.pipeline.vm import run_safe
 # the per-VM work runs in forked workers; profile the same function in-process
-cands = R.discover(scan=False)
+jobs = [R.job_for(c, bulk=True) for c in R.discover(scan=False)]
 host = HostState.read()
 hfd = host_ns_fd()
 prof = cProfile.Profile()
 prof.enable()
-outs = [R._process(c, host, hfd, False, None, None, True, 30.0) for c in cands]
+outs = [run_safe(j, host, hfd) for j in jobs]
 prof.disable()
 st = pstats.Stats(prof)
 s = io.StringIO()

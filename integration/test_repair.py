@@ -329,13 +329,24 @@ def test_bad_targets() -> None:
             rep = subprocess.Popen([PY, "-m", "nsmount", "repair", str(victim.pid)],
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             def holds_lock() -> bool:
-                for f in os.listdir(f"/proc/{rep.pid}/fd"):
+                # the lock is taken by the repair's forked worker (or the repair itself)
+                pids = [rep.pid] + [int(p) for p in os.listdir("/proc") if p.isdigit()
+                                    and _ppid(int(p)) == rep.pid]
+                for pid in pids:
                     try:  # the fd may close between listdir and readlink
-                        if os.readlink(f"/proc/{rep.pid}/fd/{f}") == lock:
-                            return True
+                        for f in os.listdir(f"/proc/{pid}/fd"):
+                            if os.readlink(f"/proc/{pid}/fd/{f}") == lock:
+                                return True
                     except FileNotFoundError:
                         pass
                 return False
+
+            def _ppid(pid: int) -> int:
+                try:
+                    with open(f"/proc/{pid}/stat") as fh:
+                        return int(fh.read().rsplit(")", 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):
+                    return -1
 
             wait_for(holds_lock, "repair to open the lock")
             stop(victim)

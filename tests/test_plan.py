@@ -222,3 +222,20 @@ def test_stacked_mounts_only_the_top_is_visible_and_relinked() -> None:
     obs.tree = tuple(tree.visible())
     _drifts, acts = diff(d, obs)
     assert [a for a in acts if isinstance(a, RelinkMount)] == [RelinkMount("/proc")]
+
+
+def test_host_side_hugepage_dirs_are_planned_first() -> None:
+    """Reconnect makes the per-domain dirs on the host too: actions in the plan (so a
+    dry run lists them and the crash suite reaches them), host side first."""
+    dirs = (("/dev/hugepages", "/dev/hugepages/libvirt/qemu/1-a"),)
+    d = desired(hugepage_dirs=dirs, host_dirs=True)
+    obs = clean_observed(d)
+    obs.host_hugepage_dirs = {"/dev/hugepages/libvirt/qemu/1-a": False}
+    obs.hugepage_dirs = {"/dev/hugepages/libvirt/qemu/1-a": False}
+    drifts, acts = diff(d, obs)
+    assert [(type(a).__name__, getattr(a, "host", None)) for a in acts] == [
+        ("MakeHugepageDir", True), ("MakeHugepageDir", False)]
+    assert "host side" in acts[0].describe()
+    assert [x.kind for x in drifts] == ["missing-hugepage-dir"] * 2
+    # without host_dirs (repair of one VM) only the VM side is planned
+    assert [a.host for a in diff(desired(hugepage_dirs=dirs), obs)[1]] == [False]

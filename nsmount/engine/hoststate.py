@@ -102,7 +102,7 @@ class HostState:
         return Desired(entries=entries, mounts=self.vm_mounts(spec), hugepage_dirs=dirs,
                        uid=spec.uid, gid=spec.gid,
                        host_mounts=tuple(self.tree.visible()),
-                       host_devs=self.mount_devs), skipped
+                       host_devs=self.mount_devs, host_dirs=all_hugetlbfs), skipped
 
     @property
     def mount_devs(self) -> frozenset[int]:

@@ -87,6 +87,30 @@ def observe(desired: Desired, host_devs: dict[str, int], *,
         os.close(root)
 
 
+def observe_host(desired: Desired) -> dict[str, bool]:
+    """Which per-domain hugepage dirs exist on the host side (run in the host
+    namespace): a directory on the hugetlbfs itself, owned and moded as wanted."""
+    out: dict[str, bool] = {}
+    if not desired.host_dirs:
+        return out
+    root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for mount, path in desired.hugepage_dirs:
+            try:
+                mfd = fsops.open_dir(root, mount)
+            except OSError:
+                out[path] = False
+                continue
+            try:
+                out[path] = fsops.dir_ready(mfd, path[len(mount):], 0o700, desired.uid,
+                                            desired.gid)
+            finally:
+                os.close(mfd)
+    finally:
+        os.close(root)
+    return out
+
+
 def _observe_entry(root: int, path: str, obs: Observed) -> None:
     rel = path.lstrip("/")
     try:

@@ -6,6 +6,7 @@ Nothing here touches the system, so every rule is unit-tested without root, and
 
 from __future__ import annotations
 
+from dataclasses import replace
 
 from .actions import (
     Action,
@@ -17,6 +18,7 @@ from .actions import (
     MakeSymlink,
     PreserveMount,
     RelinkMount,
+    RemoveEntry,
     ReplayMount,
     SwapDev,
     SwitchDev,
@@ -230,7 +232,16 @@ def diff(desired: Desired, observed: Observed) -> tuple[list[Drift], list[Action
         acts.append(ReplayMount(hm.path, hm.fstype, hm.pagesize,
                                 make_mountpoint=creatable, reason=dr.describe()))
 
-    # 4. per-domain hugepage directories
+    # 4. per-domain hugepage directories, on the host first (planned, shown by --dry-run,
+    # applied in the host namespace before the VM is entered), then inside the VM
+    for mount, path in desired.hugepage_dirs if desired.host_dirs else ():
+        if observed.host_hugepage_dirs.get(path, True):
+            continue
+        dr = Drift("missing-hugepage-dir", path, "per-domain hugepage directory missing on "
+                   "the host")
+        drifts.append(dr)
+        acts.append(MakeHugepageDir(mount, path, desired.uid, desired.gid, host=True,
+                                    reason=dr.describe()))
     for mount, path in desired.hugepage_dirs:
         if observed.hugepage_dirs.get(path):
             continue
@@ -256,3 +267,42 @@ def plan_rebuild(desired: Desired) -> list[Action]:
     for mount, path in desired.hugepage_dirs:
         acts.append(MakeHugepageDir(mount, path, desired.uid, desired.gid))
     return acts
+
+
+#: what a hotplug (``device add``/``device remove``) may plan and report: /dev entries only
+NODE_ACTIONS = (MakeDir, MakeNode, FixNode, MakeSymlink, RemoveEntry)
+NODE_DRIFTS = frozenset({"missing-node", "missing-symlink", "missing-dir", "wrong-node",
+                         "wrong-symlink", "wrong-attrs", "planted", "unsafe-path",
+                         "foreign-dev"})
+#: what a rebuild reports besides the swap: the mounts the new /dev gets
+MOUNT_DRIFTS = frozenset({"missing-mount", "hidden-mount", "private-mount", "foreign-mount",
+                          "unobservable", "planted"})
+
+
+def plan(desired: Desired, observed: Observed, *, mode: str = "repair",
+         remove: tuple[str, ...] = (), rebuild: bool = False
+         ) -> tuple[list[Drift], list[Action]]:
+    """Everything nsmount will do to one VM, host-side steps included.
+
+    ``mode``: ``repair`` (and ``inspect``) plans every drift; ``add`` only /dev entries
+    (the desired spec holds just the new devices); ``remove`` unlinks ``remove`` (never
+    in a /dev that is not the VM's own).  ``rebuild``: one atomic swap to a fresh /dev,
+    then the mounts the old one lacked are replayed into the new one.
+    """
+    if rebuild:
+        drifts, _ = diff(desired, observed)
+        # plan as if /dev already were the fresh tmpfs the swap puts there
+        fresh = replace(observed, dev_fstype="tmpfs", dev_id=0, dev_mount_root=True)
+        drifts2, acts2 = diff(replace(desired, dev_sb=None, host_devs=frozenset()), fresh)
+        acts: list[Action] = [a for a in acts2 if isinstance(a, MakeHugepageDir) and a.host]
+        acts += plan_rebuild(desired) + [a for a in acts2
+                                         if isinstance(a, (RelinkMount, ReplayMount))]
+        return ([replace(d, fixable=True) for d in drifts if d.kind == "foreign-dev"]
+                + [d for d in drifts2 if d.kind in MOUNT_DRIFTS]), acts
+    drifts, acts = diff(desired, observed)
+    if mode in ("add", "remove"):
+        acts = [a for a in acts if isinstance(a, NODE_ACTIONS)]
+        drifts = [d for d in drifts if d.kind in NODE_DRIFTS]
+    if mode == "remove" and not foreign_dev(desired, observed):
+        acts += [RemoveEntry(p, reason="hotplug remove") for p in remove]
+    return drifts, acts

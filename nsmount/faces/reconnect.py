@@ -12,28 +12,24 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from ..errors import DeadlineError, NsmountError, SpecError
-from ..engine.hoststate import HostState
-from ..kernel import consts as C
-from ..kernel import syscalls
-from ..state.locks import drop_lock, vm_lock
-from ..state import record
+from ..errors import NsmountError, SpecError
 from ..model.spec import VmSpec
-from ..pipeline.session import Outcome, VmSession, ensure_host_hugepage_dirs, failure, host_ns_fd
+from ..pipeline.outcome import Outcome, Report
+from ..pipeline.vm import Job, run_many
+from ..pipeline.workers import DEFAULT_TIMEOUT
+from ..state import record
+from ..state.locks import drop_lock
 from ..state.sources import (
-    check_record,
     libvirt_state_dir,
     libvirt_status,
     looks_like_qemu,
     read_pidfile,
     resolve_target,
-    spec_for,
 )
-from ..state.target import SELF_MNTNS, Target, owned_by_us, starttime
-from ..pipeline.workers import DEFAULT_TIMEOUT, run_all
+from ..state.target import SELF_MNTNS, owned_by_us, starttime
 
 
 @dataclass
@@ -153,36 +149,19 @@ def _scan_processes() -> Iterable[Candidate]:
         yield Candidate(p.pid, "scan")
 
 
-@dataclass
-class Report:
-    outcomes: list[Outcome] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def summary(self) -> dict[str, int]:
-        s = {"total": len(self.outcomes), "ok": 0, "repaired": 0, "failed": 0,
-             "would-repair": 0}
-        for o in self.outcomes:
-            s[o.status] = s.get(o.status, 0) + 1
-        return s
-
-    @property
-    def exit_code(self) -> int:
-        s = self.summary()
-        if s["failed"]:
-            return 2
-        return 1 if s["repaired"] else 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"summary": self.summary(), "seconds": round(self.seconds, 4),
-                "vms": [o.to_dict() for o in self.outcomes]}
-
-
-def _failed(c: Candidate, msg: str, code: int = 2) -> Outcome:
-    return Outcome(c.pid, c.name, c.origin, status="failed", error=msg, error_code=code)
-
-
 #: below this many VMs per worker one more fork costs more than it saves
 MIN_VMS_PER_WORKER = 50
+
+
+def job_for(c: Candidate, *, dry_run: bool = False, bulk: bool = False,
+            sdir: str | None = None, lvdir: str | None = None,
+            timeout: float = DEFAULT_TIMEOUT) -> Job:
+    """The pipeline job that reconnects one discovered VM: everything repaired, every
+    hugetlbfs mount visible with its per-domain dir, on the host side too."""
+    return Job(c.pid, c.name, c.origin, c.starttime, c.spec,
+               (c.mntns, c.dev) if c.recorded else None, dry_run=dry_run,
+               all_hugetlbfs=True, bulk=bulk, state_dir=sdir, libvirt_state_dir=lvdir,
+               timeout=timeout)
 
 
 def reconnect(*, candidates: list[Candidate] | None = None, dry_run: bool = False,
@@ -190,7 +169,7 @@ def reconnect(*, candidates: list[Candidate] | None = None, dry_run: bool = Fals
               scan: bool = True, timeout: float = DEFAULT_TIMEOUT,
               progress: Callable[[int, int, int], None] | None = None) -> Report:
     """Reconnect all (or the given) VMs; returns a per-VM report.  Library entry point
-    for VM-manager daemons.
+    for VM-manager daemons: "the pipeline for many VMs".
 
     The VMs are worked on in forked worker processes (``jobs`` at most, one per 50
     VMs), each VM under a deadline of ``timeout`` seconds: a VM that blocks is
@@ -199,16 +178,17 @@ def reconnect(*, candidates: list[Candidate] | None = None, dry_run: bool = Fals
     t0 = time.perf_counter()
     if candidates is None:
         candidates = discover(sdir=sdir, lvdir=lvdir, scan=scan, dry_run=dry_run)
-    host = HostState.read()
     rep = Report()
-    good = []
+    bulk = len(candidates) > 1
+    todo = []
     for c in candidates:
         if c.error:
-            rep.outcomes.append(_failed(c, c.error))
+            rep.outcomes.append(Outcome(c.pid, c.name, c.origin, status="failed",
+                                        error=c.error, error_code=2))
         else:
-            good.append(c)
-    bulk = len(candidates) > 1
-    workers = max(1, min(jobs or 1, len(good) // MIN_VMS_PER_WORKER or 1))
+            todo.append(job_for(c, dry_run=dry_run, bulk=bulk, sdir=sdir, lvdir=lvdir,
+                                timeout=timeout))
+    workers = max(1, min(jobs or 1, len(todo) // MIN_VMS_PER_WORKER or 1))
     if os.environ.get("NSMOUNT_CRASH_AFTER"):
         workers = 1  # crash injection counts steps in one process
 
@@ -218,51 +198,10 @@ def reconnect(*, candidates: list[Candidate] | None = None, dry_run: bool = Fals
             progress(len(rep.outcomes), len(candidates),
                      sum(x.status == "failed" for x in rep.outcomes))
 
-    hfd = host_ns_fd()
-    try:
-        run_all(good, lambda c: _process(c, host, hfd, dry_run, sdir, lvdir, bulk, timeout),
-                workers=workers, timeout=timeout,
-                on_result=lambda _c, o: emit(o),
-                on_error=lambda c, exc: emit(failure(_failed(c, ""), exc)),
-                on_lost=lambda c, why: emit(_failed(c, why, DeadlineError.exit_code)))
-    finally:
-        os.close(hfd)
+    run_many(todo, workers=workers, on_outcome=emit)
     rep.outcomes.sort(key=lambda o: (o.name or "", o.pid))
     rep.seconds = time.perf_counter() - t0
     return rep
-
-
-def _process(c: Candidate, host: HostState, hfd: int, dry_run: bool, sdir: str | None,
-             lvdir: str | None, bulk: bool, timeout: float) -> Outcome:
-    """One VM, in a worker process: pin, check, lock, then the session does the rest."""
-    syscalls.setns(hfd, C.CLONE_NEWNS)  # /proc and the state dirs are the host's
-    deadline = time.monotonic() + timeout
-    try:
-        t = Target.pin(c.pid, expect_starttime=c.starttime, name=c.name)
-    except NsmountError as exc:
-        return _failed(c, exc.oneline(), exc.exit_code)
-    out = _failed(c, "")
-    try:
-        if c.recorded:
-            t.expect_namespace(c.mntns, c.dev)
-        else:
-            check_record(t, sdir)
-        spec = c.spec if c.spec is not None else spec_for(t, domain=c.name, lvdir=lvdir,
-                                                          sdir=sdir)
-        out = Outcome(t.pid, spec.name, spec.source)
-        sess = VmSession(t, spec, host, all_hugetlbfs=True, bulk=bulk)
-        host_errs = [] if dry_run else ensure_host_hugepage_dirs(sess.desired)
-        with vm_lock(t.pid, t.starttime, sdir=sdir,
-                     timeout=max(0.1, deadline - time.monotonic())) as waited:
-            out = sess.work(hfd, dry_run=dry_run)
-            if waited:
-                out.warnings.append("busy, waited for another nsmount")
-        out.warnings += [f"host side: {e}" for e in host_errs]
-        return out
-    except (NsmountError, OSError) as exc:
-        return failure(out, exc, t)
-    finally:
-        t.close()
 
 
 def reconnect_one(target: str | int, **kw: Any) -> Report:

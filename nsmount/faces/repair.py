@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import NoReturn
 
-from ..engine.actions import Action, RemoveEntry
 from ..errors import (
     CommandNotFoundError,
     NsmountError,
@@ -23,113 +21,50 @@ from ..errors import (
 from ..engine.hoststate import HostState
 from ..kernel import consts as C
 from ..kernel import syscalls
-from ..state.locks import vm_lock
 from ..model import elf
 from ..model.display import escape_name, safe_line
-from ..model.paths import canonical, is_strictly_within, is_within
+from ..model.paths import canonical, is_within
 from ..model.spec import VmSpec
-from ..pipeline.session import Outcome, VmSession, host_ns_fd
-from ..state.sources import check_record, resolve_target, spec_for, update_record
+from ..pipeline.outcome import Outcome
+from ..pipeline.vm import Job, hotplug_paths, run_single
+from ..pipeline.workers import DEFAULT_TIMEOUT
+from ..state.sources import check_record, resolve_target
 from ..state.target import Target
-from ..pipeline.workers import DEFAULT_TIMEOUT, run_one
 
 
-@contextmanager
-def pinned(target: str | int, *, explicit: VmSpec | None = None, lvdir: str | None = None,
-           sdir: str | None = None, timeout: float = DEFAULT_TIMEOUT
-           ) -> Iterator[tuple[Target, VmSpec]]:
-    """Resolve, pin (pidfd + start time + checked namespace; host and VM-owned
-    namespaces refused), check against the launch record, find the spec, lock."""
+def _job(target: str | int, mode: str, *, explicit: VmSpec | None = None,
+         lvdir: str | None = None, sdir: str | None = None,
+         timeout: float = DEFAULT_TIMEOUT, **kw: object) -> Job:
     pid, domain = resolve_target(str(target), lvdir=lvdir)
-    with Target.pin(pid, name=domain) as t:
-        spec = spec_for(t, explicit=explicit, domain=domain, lvdir=lvdir, sdir=sdir)
-        if t.name is None and spec.name:
-            t.name = spec.name
-        with vm_lock(t.pid, t.starttime, sdir=sdir, timeout=timeout):
-            t.check_alive()  # it may have exited while we waited for the lock
-            yield t, spec
-
-
-def _run(t: Target, spec: VmSpec, host: HostState | None = None, *,
-         timeout: float = DEFAULT_TIMEOUT, **kw: object) -> Outcome:
-    """The session's observe/plan/apply in a forked worker under a deadline (``kw``
-    goes to :meth:`VmSession.work`); DeadlineError when the VM blocks it."""
-    sess = VmSession(t, spec, host or HostState.read())
-    hfd = host_ns_fd()
-    try:
-        return run_one(lambda: sess.work(hfd, **kw), timeout=timeout)  # type: ignore[arg-type]
-    finally:
-        os.close(hfd)
+    return Job(pid, domain, mode=mode, spec=explicit, state_dir=sdir, libvirt_state_dir=lvdir,
+               timeout=float(timeout or DEFAULT_TIMEOUT), **kw)  # type: ignore[arg-type]
 
 
 def inspect(target: str | int, **kw: object) -> Outcome:
-    with pinned(target, **kw) as (t, spec):  # type: ignore[arg-type]
-        return _run(t, spec, dry_run=True, inspect=True, timeout=_timeout(kw))
+    """What the VM's namespace holds and what would be repaired (changes nothing)."""
+    return run_single(_job(target, "inspect", **kw))  # type: ignore[arg-type]
 
 
 def repair(target: str | int, *, dry_run: bool = False, rebuild_dev: bool = False,
            **kw: object) -> Outcome:
-    with pinned(target, **kw) as (t, spec):  # type: ignore[arg-type]
-        out = _run(t, spec, dry_run=dry_run, rebuild=rebuild_dev, timeout=_timeout(kw))
-        new_dev = out.extra.pop("new_dev", None)
-        if new_dev is not None and t.recorded_dev is not None:
-            # the rebuilt /dev is the VM's own from now on
-            update_record(t, spec, kw.get("sdir"), dev=new_dev)  # type: ignore[arg-type]
-        return out
-
-
-def _timeout(kw: dict[str, object]) -> float:
-    return float(kw.get("timeout") or DEFAULT_TIMEOUT)  # type: ignore[arg-type]
-
-
-def _check_hotplug_paths(paths: Sequence[str]) -> list[str]:
-    out = []
-    for p in paths:
-        c = canonical(p, what="device path")
-        if not is_strictly_within(c, "/dev"):
-            raise UnsafePathError(f"{p} is not under /dev")
-        out.append(c)
-    return out
+    """Repair one running VM's namespace; ``rebuild_dev`` swaps in a fresh /dev."""
+    return run_single(_job(target, "repair", dry_run=dry_run, rebuild=rebuild_dev,
+                           **kw))  # type: ignore[arg-type]
 
 
 def device_add(target: str | int, paths: Sequence[str], *, dry_run: bool = False,
                **kw: object) -> Outcome:
     """Create nodes (and their symlink chains) inside a running VM and remember them."""
-    clean = _check_hotplug_paths(paths)
-    with pinned(target, **kw) as (t, spec):  # type: ignore[arg-type]
-        only = VmSpec(name=spec.name, domain_id=spec.domain_id, default_devices=(),
-                      source=spec.source).with_devices(clean)
-        out = _run(t, only, dry_run=dry_run, nodes_only=True, timeout=_timeout(kw))
-        if not dry_run and out.status != "failed":
-            update_record(t, spec.with_devices(clean), kw.get("sdir"))  # type: ignore[arg-type]
-        return out
+    return run_single(_job(target, "add", dry_run=dry_run, paths=hotplug_paths(paths),
+                           **kw))  # type: ignore[arg-type]
 
 
 def device_remove(target: str | int, paths: Sequence[str], *, dry_run: bool = False,
                   **kw: object) -> Outcome:
     """Unlink nodes inside the VM (never on the host, never a default node or a
     submount's content) and drop them from the record."""
-    clean = _check_hotplug_paths(paths)
-    with pinned(target, **kw) as (t, spec):  # type: ignore[arg-type]
-        host = HostState.read()
-        defaults = {canonical(d) for d in spec.default_devices}
-        subs = [h.path for h in host.submounts]
-        for p in clean:
-            if p in defaults:
-                raise UnsafePathError(f"{p} is a default node; refusing to remove it")
-            if any(is_strictly_within(p, s) or p == s for s in subs):
-                raise UnsafePathError(f"{p} is a mount point or inside a submount; refusing")
-        acts: list[Action] = [RemoveEntry(p, reason="hotplug remove") for p in clean]
-        empty = VmSpec(name=spec.name, domain_id=spec.domain_id, default_devices=(),
-                       source=spec.source)
-        out = _run(t, empty, host, dry_run=dry_run, nodes_only=True, extra=acts,
-                   timeout=_timeout(kw))
-        if out.status == "repaired" and all(r.ok and r.note == "already absent"
-                                            for r in out.results):
-            out.status = "ok"  # nothing was there to remove: nothing changed
-        if not dry_run and out.status != "failed":
-            update_record(t, spec.without_devices(clean), kw.get("sdir"))  # type: ignore[arg-type]
-        return out
+    return run_single(_job(target, "remove", dry_run=dry_run, paths=hotplug_paths(paths),
+                           **kw))  # type: ignore[arg-type]
 
 
 #: what the dynamic loader reads by path after exec: in the VM's namespace these must

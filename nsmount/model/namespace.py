@@ -30,6 +30,9 @@ class Desired:
     #: st_dev of every mount in the host namespace: a VM /dev on one of these
     #: superblocks is (a view of) a host filesystem, never the VM's own tmpfs
     host_devs: frozenset[int] = frozenset()
+    #: the per-domain hugepage dirs must exist on the host side too (reconnect: what
+    #: libvirt looks for after a daemon restart)
+    host_dirs: bool = False
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,8 @@ class Observed:
     tree: tuple[Mount, ...] = ()  # the namespace's visible mounts
     hidden: tuple[Mount, ...] = ()  # listed in its mountinfo, covered by another mount
     hugepage_dirs: dict[str, bool] = field(default_factory=dict)  # path -> exists
+    #: the same per-domain dirs, looked at on the host (only when Desired.host_dirs)
+    host_hugepage_dirs: dict[str, bool] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
