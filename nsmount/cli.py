@@ -197,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--legacy", action="store_true",
                     help="chain from hooks/qemu (libvirt < 6.5) instead of hooks/qemu.d/")
     sp.set_defaults(func=_lazy("hook", "cmd_install_hook"))
+
+    from .service.commands import add_parsers as add_service_parsers  # serve, list
+
+    add_service_parsers(sub, _lazy)
     return p
 
 

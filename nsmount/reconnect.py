@@ -192,13 +192,16 @@ MIN_VMS_PER_WORKER = 50
 def reconnect(*, candidates: list[Candidate] | None = None, dry_run: bool = False,
               jobs: int = 1, sdir: str | None = None, lvdir: str | None = None,
               scan: bool = True, timeout: float = DEFAULT_TIMEOUT,
-              progress: Callable[[int, int, int], None] | None = None) -> Report:
+              progress: Callable[[int, int, int], None] | None = None,
+              adjust_spec: Callable[[VmSpec], VmSpec] | None = None) -> Report:
     """Reconnect all (or the given) VMs; returns a per-VM report.  Library entry point
     for VM-manager daemons.
 
     The VMs are worked on in forked worker processes (``jobs`` at most, one per 50
     VMs), each VM under a deadline of ``timeout`` seconds: a VM that blocks is
     abandoned (its worker killed) and reported failed, the others go on.
+    ``adjust_spec`` (the service's host configuration: mounts every VM must see,
+    default devices) is applied to each VM's spec once it is known.
     """
     t0 = time.perf_counter()
     if candidates is None:
@@ -224,7 +227,8 @@ def reconnect(*, candidates: list[Candidate] | None = None, dry_run: bool = Fals
 
     hfd = host_ns_fd()
     try:
-        run_all(good, lambda c: _process(c, host, hfd, dry_run, sdir, lvdir, bulk, timeout),
+        run_all(good, lambda c: _process(c, host, hfd, dry_run, sdir, lvdir, bulk, timeout,
+                                         adjust_spec),
                 workers=workers, timeout=timeout,
                 on_result=lambda _c, o: emit(o),
                 on_error=lambda c, exc: emit(failure(_failed(c, ""), exc)),
@@ -237,7 +241,8 @@ def reconnect(*, candidates: list[Candidate] | None = None, dry_run: bool = Fals
 
 
 def _process(c: Candidate, host: HostState, hfd: int, dry_run: bool, sdir: str | None,
-             lvdir: str | None, bulk: bool, timeout: float) -> Outcome:
+             lvdir: str | None, bulk: bool, timeout: float,
+             adjust_spec: Callable[[VmSpec], VmSpec] | None = None) -> Outcome:
     """One VM, in a worker process: pin, check, lock, then the session does the rest."""
     syscalls.setns(hfd, C.CLONE_NEWNS)  # /proc and the state dirs are the host's
     deadline = time.monotonic() + timeout
@@ -253,6 +258,8 @@ def _process(c: Candidate, host: HostState, hfd: int, dry_run: bool, sdir: str |
             check_record(t, sdir)
         spec = c.spec if c.spec is not None else spec_for(t, domain=c.name, lvdir=lvdir,
                                                           sdir=sdir)
+        if adjust_spec is not None:
+            spec = adjust_spec(spec)
         out = Outcome(t.pid, spec.name, spec.source)
         sess = VmSession(t, spec, host, all_hugetlbfs=True, bulk=bulk)
         host_errs = [] if dry_run else ensure_host_hugepage_dirs(sess.desired)
