@@ -36,6 +36,15 @@ def run_hook(argv: list[str], stdin_text: str, *, lvdir: str | None = None) -> i
     from .sources import libvirt_state_dir, read_pidfile
 
     try:
+        from .model.display import safe_line
+        from .service.client import hook_request
+
+        # the service does it when it runs; else the same repair, in this process
+        said = hook_request(domain, op, stdin_text)
+        if said is not None:
+            for line in said:
+                print(safe_line(f"nsmount: {op} {domain}: {line}"), file=sys.stderr)
+            return 0
         spec = spec_from_domain_xml(stdin_text) if stdin_text.strip() else None
         pid = read_pidfile(os.path.join(libvirt_state_dir(lvdir), f"{domain}.pid"))
         if spec is not None:

@@ -101,3 +101,26 @@ def call(obj: dict[str, Any], timeout: float, **kw: Any) -> Any:
         err = ans.get("error") or {}
         raise ServiceError(str(err.get("code", "error")), str(err.get("message", "")))
     return ans.get("result")
+
+
+def hook_request(domain: str, op: str, xml: str | None, *, timeout: float = 60.0,
+                 sdir: str | None = None) -> list[str] | None:
+    """The libvirt hook's request (``reconnect``/``started``) to the service: the lines
+    to log, or None when no service answers (the hook then repairs in-process)."""
+    obj: dict[str, Any] = {"op": op, "domain": domain, "timeout": min(timeout, 300.0)}
+    if xml and xml.strip():
+        obj["xml"] = xml
+    try:
+        ans = request(obj, timeout + 10.0, sdir=sdir)
+    except ServiceUnavailable:
+        return None
+    if not ans.get("ok"):
+        err = ans.get("error") or {}
+        return [f"service: {err.get('code', 'error')}: {err.get('message', '')}"]
+    res = ans.get("result") or {}
+    lines = []
+    for o in res.get("vms", []) if isinstance(res, dict) else []:
+        msg = o.get("error") if o.get("status") == "failed" else \
+            f"{len(o.get('actions', []))} action(s)"
+        lines.append(f"{o.get('status')}: {msg} (via the service)")
+    return lines
