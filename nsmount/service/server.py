@@ -39,6 +39,8 @@ MAX_CONNECTIONS = 256
 MAX_PENDING = 8
 #: a connection that sends no complete request for this long is closed
 IDLE_SECONDS = 30.0
+#: input swallowed after an oversized request before the connection is dropped
+DISCARD_LIMIT = 64 << 20
 _UCRED = struct.Struct("3i")
 
 
@@ -56,6 +58,9 @@ class Conn:
         self.eof = False
         self.closing = False  # close once outbuf is flushed
         self.closed = False
+        #: after an oversized request: answer, then swallow input until EOF (closing
+        #: with unread input would reset the connection and lose the answer)
+        self.discard = 0
         self.idle: Timer | None = None
         self._touch()
 
@@ -73,6 +78,9 @@ class Conn:
     def on_event(self, mask: int) -> None:
         if mask & OUT:
             self._flush()
+        if mask & IN and self.discard:
+            self._swallow()
+            return
         if mask & IN and not self.eof and not self.closing:
             try:
                 chunk = self.sock.recv(1 << 16)
@@ -102,7 +110,12 @@ class Conn:
                     self.send(error(None, TOO_LARGE, f"request larger than {MAX_REQUEST} "
                                     "bytes; closing the connection"))
                     self.inbuf.clear()
-                    self.closing = True
+                    self.discard = 1
+                    try:
+                        self.sock.shutdown(socket.SHUT_WR)
+                    except OSError:
+                        pass
+                    self.server.reactor.modify(self.fd, IN)
                 return
             line = bytes(self.inbuf[:nl]).rstrip(b"\r")
             del self.inbuf[:nl + 1]
@@ -110,6 +123,17 @@ class Conn:
             if not line.strip():
                 continue
             self.server.handle_line(self, line)
+
+    def _swallow(self) -> None:
+        try:
+            chunk = self.sock.recv(1 << 16)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        self.discard += len(chunk)
+        if not chunk or self.discard > DISCARD_LIMIT:
+            self.close()
 
     def send(self, obj: dict[str, Any]) -> None:
         if self.closed:

@@ -39,6 +39,9 @@ class UeventWatch:
                  on_overflow: Callable[[], None]) -> None:
         from pyroute2 import UeventSocket
 
+        for noisy in ("pyroute2", "asyncio"):  # their debug output is per message
+            logging.getLogger(noisy).setLevel(max(logging.INFO, log.getEffectiveLevel()))
+
         self.reactor = reactor
         self.on_device = on_device
         self.on_overflow = on_overflow
