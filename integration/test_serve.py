@@ -288,6 +288,14 @@ if slow["ok"]:
 else:
     assert slow["error"]["code"] in ("timeout", "failed"), slow
 
+# hotplug through the socket
+ans = talk({"op": "device-add", "pid": b.pid, "paths": ["/dev/loop3"], "timeout": 10})
+assert ans["ok"] and ans["result"]["status"] == "repaired", ans
+assert stat.S_ISBLK(os.stat(f"/proc/{b.pid}/root/dev/loop3").st_mode)
+ans = talk({"op": "device-remove", "pid": b.pid, "paths": ["/dev/loop3"], "timeout": 10})
+assert ans["ok"] and ans["result"]["status"] == "repaired", ans
+assert not os.path.exists(f"/proc/{b.pid}/root/dev/loop3")
+
 # the hook through the service, and the one-line socat request of docs/protocol.rst
 LV = "/run/libvirt/qemu"
 os.makedirs(LV, exist_ok=True)

@@ -23,7 +23,7 @@ SOCKET_NAME = "nsmount.sock"
 MAX_RESPONSE = 64 << 20
 
 
-class ServiceUnavailable(NsmountError):  # noqa: N818 - reads better at call sites
+class ServiceUnavailable(NsmountError):
     """No service answers on the socket (absent, refused, or not allowed to connect)."""
 
 
@@ -69,7 +69,7 @@ def request(obj: dict[str, Any], timeout: float, *, path: str | None = None,
         while b"\n" not in buf:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise socket.timeout()
+                raise TimeoutError()
             s.settimeout(left)
             chunk = s.recv(1 << 16)
             if not chunk:

@@ -84,7 +84,7 @@ def load(override: str | None = None) -> Config:
 
 
 def _line_of(text: str, key: str) -> int:
-    pat = re.compile(rf"^\s*\"?{re.escape(key)}\"?\s*=", re.M)
+    pat = re.compile(rf"^[ \t]*\"?{re.escape(key)}\"?[ \t]*=", re.M)
     m = pat.search(text)
     return text.count("\n", 0, m.start()) + 1 if m else 1
 

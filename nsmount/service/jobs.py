@@ -69,7 +69,7 @@ class Job:
             return
         try:
             kind, value = pickle.loads(bytes(self.buf)) if self.buf else ("error", "job died")
-        except Exception as exc:  # noqa: BLE001 - a broken answer is that job's failure
+        except Exception as exc:
             kind, value = "error", f"bad answer from the job: {exc}"
         if kind == "ok":
             self.on_done(value, None)
@@ -96,7 +96,7 @@ def start(kind: str, fn: Callable[[], Any], *, timeout: float,
                 res = ("error", f"{type(exc).__name__}: {exc}")
             try:
                 data = pickle.dumps(res)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 data = pickle.dumps(("error", f"unpicklable result: {exc}"))
             view = memoryview(data)
             while view:

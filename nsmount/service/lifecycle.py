@@ -160,7 +160,8 @@ class Registry:
         c.starttime = st  # from now on the pin checks the start time too
         vm = Vm(c, pidfd, st)
         self.vms[c.pid] = vm
-        self.reactor.add(pidfd, IN, lambda _m, pid=c.pid: self.exited(pid))
+        pid = c.pid
+        self.reactor.add(pidfd, IN, lambda _m: self.exited(pid))
         log.info("tracking VM %s (pid %d, from %s)", escape_name(c.name or "?"), c.pid,
                  c.origin)
         return vm

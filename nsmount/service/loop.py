@@ -79,7 +79,7 @@ class Reactor:
                     continue
                 try:
                     cb(mask)
-                except Exception:  # noqa: BLE001 - the service keeps running
+                except Exception:
                     log.exception("internal error in an event handler")
             now = time.monotonic()
             while self._timers and (self._timers[0][0] <= now or self._timers[0][2].cancelled):
@@ -88,7 +88,7 @@ class Reactor:
                     continue
                 try:
                     t.cb()
-                except Exception:  # noqa: BLE001
+                except Exception:
                     log.exception("internal error in a timer")
 
     def close(self) -> None:

@@ -31,9 +31,9 @@ def relevant_mounts(extra: Iterable[str] = ()) -> frozenset[MountKey]:
         if m.fstype == "hugetlbfs":
             out.add((m.mountpoint, m.fstype, f"{m.major}:{m.minor}"))
     for p in extra:
-        m = visible_top(tree, p)
-        if m is not None and m.mountpoint == p:
-            out.add((m.mountpoint, m.fstype, f"{m.major}:{m.minor}"))
+        top = visible_top(tree, p)
+        if top is not None and top.mountpoint == p:
+            out.add((top.mountpoint, top.fstype, f"{top.major}:{top.minor}"))
     return frozenset(out)
 
 

@@ -165,7 +165,7 @@ class Service:
             from .uevents import UeventWatch
 
             self.uevents = UeventWatch(self.reactor, self._device_event, self._uevent_overflow)
-        except Exception as exc:  # noqa: BLE001 - the service runs without device events
+        except Exception as exc:
             log.warning("device events unavailable: %s", exc)
         self.server = Server(self.reactor, socket_path(self.sdir),
                              gid=configmod.resolve_gid(self.cfg.socket_group),
@@ -196,7 +196,7 @@ class Service:
             if obj is not None:
                 try:
                     obj.close()
-                except Exception:  # noqa: BLE001
+                except Exception:
                     log.exception("closing %s", part)
         signal.set_wakeup_fd(-1)
         self.reactor.close()
@@ -329,8 +329,8 @@ class Service:
         cands = [replace(self.registry.vms[pid].cand) for pid in sorted(todo)]
         per_worker = max(1, -(-len(cands) // self.workers))
         deadline = self.timeout * per_worker + JOB_SLACK
-        kw = {"sdir": self.sdir, "lvdir": self.lvdir, "timeout": self.timeout,
-              "workers": self.workers, "adjust": spec_adjuster(self.cfg)}
+        sdir, lvdir, timeout, workers = self.sdir, self.lvdir, self.timeout, self.workers
+        adjust = spec_adjuster(self.cfg)
         log.debug("batch of %d VM(s)", len(cands))
 
         def done(value: Any, err: str | None) -> None:
@@ -345,8 +345,9 @@ class Service:
             if self.dirty:
                 self._mark(list(self.dirty), min(self.dirty.values()))
 
-        self.batch_job = self._start_job("batch", lambda: _reconnect_job(cands, **kw),
-                                         deadline, done)
+        self.batch_job = self._start_job(
+            "batch", lambda: _reconnect_job(cands, sdir=sdir, lvdir=lvdir, timeout=timeout,
+                                            workers=workers, adjust=adjust), deadline, done)
 
     def _account(self, report: dict[str, Any], t_events: dict[int, float] | None = None
                  ) -> None:
@@ -447,8 +448,7 @@ class Service:
             origin = "libvirt-hook" if req.op in ("reconnect", "started") else "request"
             cand = Candidate(pid, origin, domain)
         t0 = time.monotonic()
-        kw = {"sdir": self.sdir, "lvdir": self.lvdir, "timeout": req.timeout, "workers": 1,
-              "adjust": spec_adjuster(self.cfg), "xml": req.xml}
+        sdir, lvdir, adjust = self.sdir, self.lvdir, spec_adjuster(self.cfg)
 
         def done(value: Any, err: str | None) -> None:
             if err is not None:
@@ -464,15 +464,16 @@ class Service:
             self._write_metrics()
             conn.done(ok(req.id, value))
 
-        self._request_job(req.op, lambda: _reconnect_job([cand], **kw),
-                          req.timeout + JOB_SLACK, done)
+        self._request_job(req.op, lambda: _reconnect_job(
+            [cand], sdir=sdir, lvdir=lvdir, timeout=req.timeout, workers=1, adjust=adjust,
+            xml=req.xml), req.timeout + JOB_SLACK, done)
 
     def _req_device(self, conn: Conn, req: Request) -> None:
-        from .. import repair
+        from ..repair import device_add, device_remove
 
         target = req.target
         paths = list(req.paths)
-        fn = repair.device_add if req.op == "device-add" else repair.device_remove
+        fn = device_add if req.op == "device-add" else device_remove
         sdir, lvdir, timeout = self.sdir, self.lvdir, req.timeout
 
         def work() -> dict[str, Any]:

@@ -73,7 +73,7 @@ class UeventWatch:
             for m in msgs:
                 try:
                     name, action = m.get("DEVNAME"), m.get("ACTION")
-                except Exception:  # noqa: BLE001 - a message pyroute2 could not parse
+                except Exception:
                     continue
                 path = dev_path(name)
                 if path is not None:
