@@ -333,6 +333,8 @@ class Service:
         adjust = spec_adjuster(self.cfg)
         log.debug("batch of %d VM(s)", len(cands))
 
+        t_start = time.monotonic()
+
         def done(value: Any, err: str | None) -> None:
             self.batch_job = None
             self.metrics.batches += 1
@@ -341,6 +343,8 @@ class Service:
                 self.metrics.failures += len(cands)
             else:
                 self._account(value, todo)
+                log.info("batch of %d VM(s) done in %.3fs (pipeline %.3fs)", len(cands),
+                         time.monotonic() - t_start, value.get("seconds", 0.0))
             self._write_metrics()
             if self.dirty:
                 self._mark(list(self.dirty), min(self.dirty.values()))
