@@ -49,6 +49,7 @@ def sandbox_main(cfg: dict[str, Any]) -> None:
     from nsmount.model.spec import VmSpec
 
     py = sys.executable
+    log = open("/tmp/serve.log", "a")  # noqa: SIM115 - the services' stderr, for the run
     with open("/tmp/nsmount.conf", "w") as fh:
         fh.write("debounce_ms = 10\n")
 
@@ -98,7 +99,7 @@ def sandbox_main(cfg: dict[str, Any]) -> None:
         vms = [launch(VmSpec(name=f"g{i}", domain_id=i + 1), ["sleep", "1000"])
                for i in range(n)]
         svc = subprocess.Popen([py, "-m", "nsmount", "serve", "--config",
-                                "/tmp/nsmount.conf"], stderr=open("/tmp/serve.log", "a"))
+                                "/tmp/nsmount.conf"], stderr=log)
         while not os.path.exists("/run/nsmount/nsmount.sock"):
             time.sleep(0.02)
         while talk({"op": "status"})["vms"] < n:
@@ -129,7 +130,7 @@ def sandbox_main(cfg: dict[str, Any]) -> None:
     settle()
 
     def cpu(pid: int) -> float:
-        f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         return sum(int(x) for x in f[11:15]) / os.sysconf("SC_CLK_TCK")
 
     c0, t0 = cpu(svc.pid), time.time()
@@ -138,8 +139,8 @@ def sandbox_main(cfg: dict[str, Any]) -> None:
                    "cpu_seconds": round(cpu(svc.pid) - c0, 4)}
     svc.terminate()
     svc.wait()
-    out["batches"] = [ln.split("INFO: ")[-1].strip() for ln in open("/tmp/serve.log")
-                      if "done in" in ln][-6:]
+    lines = Path("/tmp/serve.log").read_text().splitlines()
+    out["batches"] = [ln.split("INFO: ")[-1].strip() for ln in lines if "done in" in ln][-6:]
     print(json.dumps(out))
 
 

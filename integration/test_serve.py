@@ -338,7 +338,13 @@ os.makedirs("/dev/hugepages", exist_ok=True)
 for k in range(100):
     sh(["mount", "-t", "hugetlbfs", "hugetlbfs", "/dev/hugepages"])
     if k < 99:
-        sh(["umount", "/dev/hugepages"])
+        # the service may hold the mount point open for an instant (EBUSY): retry
+        for _ in range(100):
+            if sh(["umount", "/dev/hugepages"], check=False).returncode == 0:
+                break
+            time.sleep(0.01)
+        else:
+            raise AssertionError("umount kept failing")
 wait_for(lambda: all(visible_hugetlbfs(vm.pid, i) for i, vm in vms.items()), "convergence", 30)
 settle()
 probs = {}
@@ -346,10 +352,14 @@ for i, vm in vms.items():
     n = visible_mounts(vm.pid).count("/dev/hugepages")
     if n != 1 or not visible_hugetlbfs(vm.pid, i):
         probs[i] = n
-assert not probs, probs
+assert not probs, (probs, [l for l in open(f"/proc/{vms[min(probs)].pid}/mountinfo")
+                           if "hugepages" in l], open("/tmp/serve.log").read()[-4000:])
+# a VM whose run met the mount gone mid-way failed that run (and was redone); a final
+# reconnect finds nothing to do
+rc, rep, err = reconnect_json()
+assert rc == 0, (rc, rep["summary"], [o for o in rep["vms"] if o["status"] != "ok"][:3])
 st = talk({"op": "status"})["result"]
-assert st["counters"]["failures"] == 0, st
-emit(ok=True, batches=st["counters"]["batches"])
+emit(ok=True, batches=st["counters"]["batches"], failures=st["counters"]["failures"])
 """)
     out = res.json()
     assert out["ok"], res.describe()
