@@ -246,6 +246,21 @@ def build_parser() -> Parser:
     spec_opts(sp)
     sp.add_argument("--json", action="store_true", help="machine-readable output")
 
+    sp = add("serve", "resident service: keep every VM right as the host changes (mount and "
+             "device events, VM starts and exits, a local socket)", cmd_serve)
+    sp.add_argument("--config", metavar="FILE", help="host configuration (default "
+                    "$NSMOUNT_CONFIG or /etc/nsmount/nsmount.conf)")
+    sp.add_argument("--metrics-file", metavar="PATH",
+                    help="write Prometheus text metrics here (atomically)")
+    sp.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
+                    help="deadline per VM (default from the config, else 30)")
+    sp.add_argument("--jobs", type=_positive_int, metavar="N",
+                    help="worker processes per batch")
+
+    sp = add("list", "VMs nsmount manages (from the service when it runs, else the records)",
+             cmd_list)
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+
     sp = add("libvirt-hook", "entry point for libvirt's qemu hook (never fails)", cmd_hook)
     sp.add_argument("hook_args", nargs=argparse.REMAINDER, metavar="DOMAIN OP SUBOP EXTRA")
 
@@ -413,6 +428,33 @@ def cmd_device(args: argparse.Namespace, out: P.Out) -> int:
 
 def cmd_missing_sub(args: argparse.Namespace, out: P.Out) -> int:  # pragma: no cover
     raise UsageError("device: add or remove?")
+
+
+def cmd_serve(args: argparse.Namespace, out: P.Out) -> int:
+    from ..faces.service import config
+    from ..faces.service.serve import Service
+
+    if not args.quiet:  # a service logs what it does (journald keeps it)
+        logging.getLogger("nsmount").setLevel(logging.INFO if not args.verbose
+                                              else logging.DEBUG)
+    cfg = config.load(args.config)  # a bad file at start is an error (exit 3)
+    svc = Service(cfg, config_arg=args.config, sdir=args.state_dir,
+                  lvdir=args.libvirt_state_dir, metrics_file=args.metrics_file,
+                  timeout=args.timeout, workers=args.jobs)
+    svc.start()
+    svc.run()
+    return EX_OK
+
+
+def cmd_list(args: argparse.Namespace, out: P.Out) -> int:
+    from ..faces.service.inventory import list_vms
+
+    origin, vms = list_vms(args.state_dir, args.libvirt_state_dir)
+    if args.json:
+        out.json({"from": origin, "vms": vms})
+    else:
+        P.vm_list(out, origin, vms)
+    return EX_OK
 
 
 def cmd_spec(args: argparse.Namespace, out: P.Out) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -280,3 +281,22 @@ def propagation(out: Out, rows: Sequence[Mapping[str, Any]], *, fix: bool,
         out.line(f"{verb}: " + "; ".join(f"mount --make-rshared {escape_name(r['path'])}"
                                          for r in bad)
                  + ("" if fix else "  (or: nsmount propagation --fix)"))
+
+
+# ------------------------------------------------------------- list
+def _when(t: object) -> str:
+    if not isinstance(t, (int, float)):
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def vm_list(out: Out, origin: str, vms: list[dict[str, Any]]) -> None:
+    """``nsmount list``: one line per managed VM."""
+    out.data(f"{'PID':>8} {'NAME':<24} {'SOURCE':<15} {'STATUS':<10} {'LAST REPAIR':<19} DRIFT")
+    for v in vms:
+        drift = v.get("drift")
+        shown = "-" if drift is None else (",".join(map(str, drift)) or "none")
+        out.data(f"{v.get('pid', '?'):>8} {escape_name(v.get('name') or '-'):<24} "
+                        f"{escape_name(v.get('source', '-')):<15} {v.get('status', '?'):<10} "
+                        f"{_when(v.get('last_repair')):<19} {escape_name(shown)}")
+    out.line(f"{len(vms)} VM(s) (from the {origin})")

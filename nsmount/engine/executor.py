@@ -84,11 +84,19 @@ class HostPrep:
         self.handles.clear()
 
 
+class HostMountGone(OSError):
+    """A host mount point that was unmounted while a run was under way."""
+
+
 def _host_tree(root: int, path: str, flags: int) -> int:
     """open_tree of a host mount point, looked up with the one safe resolver (so a
     mount point longer than PATH_MAX works too)."""
     mp = fsops.open_dir(root, path)
     try:
+        if not fsops.mount_id(mp)[1]:
+            # unmounted since the host's table was read (a flapping mount): cloning now
+            # would bind the directory underneath into the VM
+            raise HostMountGone(errno.ENOENT, "no longer a mount point on the host", path)
         return syscalls.open_tree(mp, "", flags | C.AT_EMPTY_PATH)
     finally:
         os.close(mp)
@@ -122,6 +130,8 @@ def _prepare(prep: HostPrep, actions: Iterable[Action], root: int) -> None:
                 prep.clones[a.path] = fd
             elif isinstance(a, RelinkMount) and a.path not in prep.handles:
                 prep.handles[a.path] = _host_tree(root, a.path, C.OPEN_TREE_CLOEXEC)
+        except HostMountGone as exc:
+            prep.errors[getattr(a, "path", a.name)] = f"host side: {exc.strerror}"
         except OSError as exc:
             path = getattr(a, "path", a.name)
             if isinstance(a, ReplayMount) and a.fstype == "hugetlbfs":

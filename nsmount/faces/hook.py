@@ -35,11 +35,16 @@ def run_hook(argv: list[str], stdin_text: str, *, lvdir: str | None = None) -> l
     try:
         from dataclasses import replace
 
-        from . import audit
         from ..state.libvirtspec import spec_from_domain_xml
-        from .reconnect import Candidate, reconnect
         from ..state.sources import libvirt_state_dir, read_pidfile
+        from . import audit
+        from .reconnect import Candidate, reconnect
+        from .service.client import hook_request
 
+        # the resident service does it when it runs; else the same pipeline, here
+        said = hook_request(domain, op, stdin_text)
+        if said is not None:
+            return [f"{op} {who}: {line}" for line in said]
         spec = spec_from_domain_xml(stdin_text) if stdin_text.strip() else None
         pid = read_pidfile(os.path.join(libvirt_state_dir(lvdir), f"{domain}.pid"))
         if spec is not None:
@@ -85,12 +90,34 @@ fi
 """
 
 
+#: a handled operation goes to the resident service when one runs (one ``socat``, no
+#: Python start; the service reads libvirt's status XML itself): docs/protocol.rst
+_VIA_SERVICE = """sock="${NSMOUNT_STATE_DIR:-/run/nsmount}/nsmount.sock"
+case "$1" in
+    ''|*[!A-Za-z0-9._+:@-]*) ;;
+    *)
+        if [ -S "$sock" ] && command -v socat >/dev/null 2>&1; then
+            ans=$(printf '{"v":1,"op":"%s","domain":"%s","timeout":30}\\n' "$2" "$1" |
+                  socat -t 40 - "UNIX-CONNECT:$sock" 2>/dev/null)
+            case "$ans" in
+                *'"ok":true'*) cat >/dev/null 2>&1
+                    echo "nsmount: $2 $1: done by the service" >&2; exit 0 ;;
+                '{'*) cat >/dev/null 2>&1
+                    printf 'nsmount: %s %s: %.500s\\n' "$2" "$1" "$ans" >&2; exit 0 ;;
+            esac
+        fi ;;
+esac
+"""
+
+
 def hook_script(python: str | None = None) -> str:
-    """``qemu.d/50-nsmount``: fails open in every case (``exit 0``)."""
+    """``qemu.d/50-nsmount``: fails open in every case (``exit 0``); ignored operations
+    cost the shell's ``case``, handled ones go to the service when it runs, else to
+    ``nsmount libvirt-hook`` in a new Python."""
     return (f"#!/bin/sh\n{MARKER}: repairs a domain's mount namespace on reconnect/started\n"
             "# it never fails the libvirt operation: every path ends in exit 0\n"
             + _FILTER.format(other="cat >/dev/null 2>&1; exit 0")
-            + _run_nsmount(python) + "exit 0\n")
+            + _VIA_SERVICE + _run_nsmount(python) + "exit 0\n")
 
 
 def _legacy_wrapper(chained: str, python: str | None = None) -> str:

@@ -155,25 +155,29 @@ MIN_VMS_PER_WORKER = 50
 
 def job_for(c: Candidate, *, dry_run: bool = False, bulk: bool = False,
             sdir: str | None = None, lvdir: str | None = None,
-            timeout: float = DEFAULT_TIMEOUT) -> Job:
+            timeout: float = DEFAULT_TIMEOUT,
+            adjust_spec: Callable[[VmSpec], VmSpec] | None = None) -> Job:
     """The pipeline job that reconnects one discovered VM: everything repaired, every
     hugetlbfs mount visible with its per-domain dir, on the host side too."""
     return Job(c.pid, c.name, c.origin, c.starttime, c.spec,
                (c.mntns, c.dev) if c.recorded else None, dry_run=dry_run,
                all_hugetlbfs=True, bulk=bulk, state_dir=sdir, libvirt_state_dir=lvdir,
-               timeout=timeout)
+               timeout=timeout, adjust=adjust_spec)
 
 
 def reconnect(*, candidates: list[Candidate] | None = None, dry_run: bool = False,
               jobs: int = 1, sdir: str | None = None, lvdir: str | None = None,
               scan: bool = True, timeout: float = DEFAULT_TIMEOUT,
-              progress: Callable[[int, int, int], None] | None = None) -> Report:
+              progress: Callable[[int, int, int], None] | None = None,
+              adjust_spec: Callable[[VmSpec], VmSpec] | None = None) -> Report:
     """Reconnect all (or the given) VMs; returns a per-VM report.  Library entry point
     for VM-manager daemons: "the pipeline for many VMs".
 
     The VMs are worked on in forked worker processes (``jobs`` at most, one per 50
     VMs), each VM under a deadline of ``timeout`` seconds: a VM that blocks is
     abandoned (its worker killed) and reported failed, the others go on.
+    ``adjust_spec`` (the service's host configuration: mounts every VM must see,
+    default devices) is applied to each VM's spec once it is known.
     """
     t0 = time.perf_counter()
     if candidates is None:
@@ -187,7 +191,7 @@ def reconnect(*, candidates: list[Candidate] | None = None, dry_run: bool = Fals
                                         error=c.error, error_code=2))
         else:
             todo.append(job_for(c, dry_run=dry_run, bulk=bulk, sdir=sdir, lvdir=lvdir,
-                                timeout=timeout))
+                                timeout=timeout, adjust_spec=adjust_spec))
     workers = max(1, min(jobs or 1, len(todo) // MIN_VMS_PER_WORKER or 1))
     if os.environ.get("NSMOUNT_CRASH_AFTER"):
         workers = 1  # crash injection counts steps in one process

@@ -52,6 +52,9 @@ class Job:
     state_dir: str | None = None
     libvirt_state_dir: str | None = None
     timeout: float = DEFAULT_TIMEOUT
+    #: applied to the VM's spec once it is known (the service's host configuration:
+    #: mounts every VM must see, default devices)
+    adjust: Callable[[VmSpec], VmSpec] | None = None
 
     def failed(self, msg: str, code: int = 2) -> Outcome:
         return Outcome(self.pid, self.name, self.origin, status="failed", error=msg,
@@ -82,6 +85,8 @@ def run(job: Job, host: HostState, host_ns: int) -> Outcome:
             check_record(t, job.state_dir)
         spec = job.spec if job.spec is not None else spec_for(
             t, domain=job.name, lvdir=job.libvirt_state_dir, sdir=job.state_dir)
+        if job.adjust is not None:
+            spec = job.adjust(spec)
         if t.name is None and spec.name:
             t.name = spec.name
         sess = VmSession(t, _work_spec(job, spec, host), host,

@@ -1,0 +1,110 @@
+"""Run a function in a forked child, off the event loop, under a deadline.
+
+The loop is single-threaded and never blocks on a VM: each batch of per-VM work
+(:func:`nsmount.reconnect.reconnect`, which forks its own workers with per-VM
+deadlines) runs in a job child.  The child is a process-group leader and dies with
+the service (``PR_SET_PDEATHSIG``); at its deadline the whole group is killed.  The
+result travels back pickled over a pipe; the child only sends objects it built.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import pickle
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("nsmount.service")
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+@dataclass
+class Job:
+    kind: str
+    pid: int
+    rfd: int
+    deadline: float
+    on_done: Callable[[Any, str | None], None]
+    buf: bytearray = field(default_factory=bytearray)
+    started: float = field(default_factory=time.monotonic)
+    finished: bool = False
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def finish(self, timed_out: bool = False) -> None:
+        """Reap the child and call ``on_done(value, error)`` once."""
+        if self.finished:
+            return
+        self.finished = True
+        if timed_out:
+            self.kill()
+        try:
+            os.close(self.rfd)
+        except OSError:
+            pass
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+        if timed_out:
+            self.on_done(None, "timed out: the job was killed")
+            return
+        try:
+            kind, value = pickle.loads(bytes(self.buf)) if self.buf else ("error", "job died")
+        except Exception as exc:
+            kind, value = "error", f"bad answer from the job: {exc}"
+        if kind == "ok":
+            self.on_done(value, None)
+        else:
+            self.on_done(None, str(value))
+
+
+def start(kind: str, fn: Callable[[], Any], *, timeout: float,
+          on_done: Callable[[Any, str | None], None]) -> Job:
+    r, w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:  # job child: never returns into the loop
+        code = 0
+        try:
+            os.close(r)
+            signal.set_wakeup_fd(-1)  # signals to the child must not wake the service
+            for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGCHLD):
+                signal.signal(sig, signal.SIG_DFL)
+            os.setpgid(0, 0)
+            _die_with_parent()
+            try:
+                res: tuple[str, Any] = ("ok", fn())
+            except BaseException as exc:  # the loop turns it into failures
+                res = ("error", f"{type(exc).__name__}: {exc}")
+            try:
+                data = pickle.dumps(res)
+            except Exception as exc:
+                data = pickle.dumps(("error", f"unpicklable result: {exc}"))
+            view = memoryview(data)
+            while view:
+                view = view[os.write(w, view):]
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(w)
+    os.set_blocking(r, False)
+    return Job(kind, pid, r, time.monotonic() + timeout, on_done)

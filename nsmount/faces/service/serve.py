@@ -1,0 +1,526 @@
+"""The service itself: events in, batches of the one per-VM pipeline out.
+
+* a mount VMs must see appears on the host (:mod:`.mountwatch`) -> every VM, once the
+  events have been quiet for ``debounce_ms`` (at most :data:`MAX_DELAY` after the
+  first);
+* a device node a VM's spec names appears, goes or changes (:mod:`.uevents`) -> that
+  VM;
+* a new VM (launch record, libvirt state file, hook request) -> that VM; an exited VM
+  is forgotten with its record and lock (:mod:`.lifecycle`);
+* socket requests (:mod:`.server`) -> their own job each.
+
+Every batch is :func:`nsmount.reconnect.reconnect` in a forked job
+(:mod:`.jobs`): the loop never blocks on a VM, each VM has its deadline, one frozen
+VM never holds up the others.  At most one event batch runs at a time; events that
+arrive meanwhile are collected for the next one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from ... import __version__ as VERSION
+from ...errors import NsmountError
+from ...model.display import escape_name
+from ...state.record import open_subdir, state_dir
+from ...model.spec import VmSpec
+from ..reconnect import Candidate
+from . import config as configmod
+from . import jobs
+from .client import socket_path
+from .config import Config, ConfigError
+from .lifecycle import DirWatch, Registry, Vm
+from .loop import IN, Reactor, Timer
+from .metrics import Metrics
+from .mountwatch import MountKey, MountWatch, relevant_mounts
+from .protocol import FAILED, TIMEOUT, Request, error, ok
+from .server import Conn, Server
+
+log = logging.getLogger("nsmount.service")
+
+#: an event batch starts at most this long after its first event
+MAX_DELAY = 0.25
+#: request jobs running at once (more wait in a queue)
+MAX_JOBS = 8
+#: slack on top of the per-VM deadline before a job is killed
+JOB_SLACK = 5.0
+
+
+def sd_notify(msg: str) -> None:
+    """systemd's readiness protocol: one datagram to $NOTIFY_SOCKET."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(addr)
+            s.sendall(msg.encode())
+    except OSError as exc:
+        log.warning("sd_notify failed: %s", exc)
+
+
+def spec_adjuster(cfg: Config) -> Callable[[VmSpec], VmSpec] | None:
+    """The host configuration applied to every VM's spec."""
+    if not cfg.mounts and not cfg.default_devices:
+        return None
+    mounts, devs = cfg.mounts, cfg.default_devices
+
+    def adjust(spec: VmSpec) -> VmSpec:
+        return replace(spec,
+                       mounts=spec.mounts + tuple(m for m in mounts if m not in spec.mounts),
+                       default_devices=spec.default_devices + tuple(
+                           d for d in devs if d not in spec.default_devices))
+
+    return adjust
+
+
+def _reconnect_job(cands: list[Candidate], *, sdir: str | None, lvdir: str | None,
+                   timeout: float, workers: int, adjust: Callable[[VmSpec], VmSpec] | None,
+                   xml: str | None = None) -> dict[str, Any]:
+    """In a job child: the one pipeline for these VMs."""
+    from ..reconnect import reconnect
+
+    if xml is not None and cands:
+        from ...model.libvirt_xml import spec_from_domain_xml
+
+        try:
+            cands[0].spec = replace(spec_from_domain_xml(xml), source="libvirt-hook")
+        except NsmountError as exc:
+            cands[0].error = f"domain XML: {exc.oneline()}"
+    rep = reconnect(candidates=cands, sdir=sdir, lvdir=lvdir, timeout=timeout, jobs=workers,
+                    adjust_spec=adjust)
+    return rep.to_dict()
+
+
+class Service:
+    def __init__(self, cfg: Config, *, config_arg: str | None = None,
+                 sdir: str | None = None, lvdir: str | None = None,
+                 metrics_file: str | None = None, timeout: float | None = None,
+                 workers: int | None = None) -> None:
+        self.cfg = cfg
+        self.config_arg = config_arg
+        self.sdir = state_dir(sdir or os.environ.get("NSMOUNT_STATE_DIR") or cfg.state_dir)
+        self.lvdir = lvdir or os.environ.get("NSMOUNT_LIBVIRT_STATE_DIR") \
+            or cfg.libvirt_state_dir
+        self.metrics_arg = metrics_file
+        self.timeout_arg = timeout
+        self.workers_arg = workers
+        self.metrics = Metrics()
+        self.reactor = Reactor()
+        self.started = time.monotonic()
+        self.known_mounts: frozenset[MountKey] = frozenset()
+        # event batches
+        self.dirty: dict[int, float] = {}  # pid -> monotonic time of its first event
+        self.batch_job: jobs.Job | None = None
+        self.batch_timer: Timer | None = None
+        self.batch_first: float | None = None
+        self.mount_timer: Timer | None = None
+        self.mount_first: float | None = None
+        self.rescan_timer: Timer | None = None
+        # request jobs
+        self.jobs: dict[int, jobs.Job] = {}
+        self.queue: deque[Callable[[], None]] = deque()
+        self._dev_index: dict[str, set[int]] | None = None
+        self.uevents: Any = None
+
+    # ------------------------------------------------------------------ settings
+    @property
+    def timeout(self) -> float:
+        return self.timeout_arg or self.cfg.timeout
+
+    @property
+    def workers(self) -> int:
+        return self.workers_arg or self.cfg.jobs or os.cpu_count() or 1
+
+    @property
+    def debounce(self) -> float:
+        return self.cfg.debounce_ms / 1000.0
+
+    @property
+    def metrics_file(self) -> str | None:
+        return self.metrics_arg or self.cfg.metrics_file
+
+    # ------------------------------------------------------------------ start/stop
+    def start(self) -> None:
+        os.close(open_subdir("vms", self.sdir))  # exists (0700) before it is watched
+        self.registry = Registry(self.reactor, sdir=self.sdir, lvdir=self.lvdir,
+                                 on_exit=self._vm_exited)
+        from ...sources import libvirt_state_dir
+
+        self.dirwatch = DirWatch(self.reactor, [os.path.join(self.sdir, "vms"),
+                                                libvirt_state_dir(self.lvdir)],
+                                 self._state_changed)
+        self.mountwatch = MountWatch(self.reactor, self._mount_event)
+        try:
+            from .uevents import UeventWatch
+
+            self.uevents = UeventWatch(self.reactor, self._device_event, self._uevent_overflow)
+        except Exception as exc:
+            log.warning("device events unavailable: %s", exc)
+        self.server = Server(self.reactor, socket_path(self.sdir),
+                             gid=configmod.resolve_gid(self.cfg.socket_group),
+                             dispatch=self._request)
+        self._signals()
+        self.known_mounts = relevant_mounts(self.cfg.mounts)
+        new = self.registry.rescan(scan=True)
+        self._mark([vm.pid for vm in new], time.monotonic())
+        self._write_metrics()
+        log.info("serving %d VM(s) on %s (mount events: %s, device events: %s)",
+                 len(self.registry.vms), self.server.path, self.mountwatch.method,
+                 "uevent" if self.uevents else "none")
+        sd_notify(f"READY=1\nSTATUS=tracking {len(self.registry.vms)} VMs\nMAINPID={os.getpid()}")
+
+    def run(self) -> None:
+        try:
+            self.reactor.run()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        sd_notify("STOPPING=1")
+        for j in [*self.jobs.values(), *([self.batch_job] if self.batch_job else [])]:
+            j.kill()
+            j.finish(timed_out=False)
+        for part in ("server", "mountwatch", "uevents", "dirwatch", "registry"):
+            obj = getattr(self, part, None)
+            if obj is not None:
+                try:
+                    obj.close()
+                except Exception:
+                    log.exception("closing %s", part)
+        signal.set_wakeup_fd(-1)
+        self.reactor.close()
+
+    def _signals(self) -> None:
+        r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._sigpipe = (r, w)
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, lambda *_a: None)  # the byte on the wakeup fd does the work
+        self.reactor.add(r, IN, self._on_signal)
+
+    def _on_signal(self, _mask: int) -> None:
+        try:
+            data = os.read(self._sigpipe[0], 64)
+        except BlockingIOError:
+            return
+        for signum in data:
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                log.info("signal %d: stopping", signum)
+                self.reactor.stop()
+            elif signum == signal.SIGHUP:
+                self.reload()
+
+    def reload(self) -> None:
+        try:
+            cfg = configmod.load(self.config_arg)
+        except ConfigError as exc:
+            log.error("%s; keeping the last good configuration", exc.oneline())
+            return
+        old, self.cfg = self.cfg, cfg
+        log.info("configuration reloaded from %s", cfg.path or "(defaults)")
+        if (cfg.state_dir, cfg.libvirt_state_dir) != (old.state_dir, old.libvirt_state_dir):
+            log.warning("state_dir/libvirt_state_dir changes take effect at restart")
+        if cfg.socket_group != old.socket_group:
+            try:
+                self.server.set_group(configmod.resolve_gid(cfg.socket_group))
+            except (ConfigError, OSError) as exc:
+                log.error("socket group: %s", exc)
+        self.registry.rescan(scan=True)
+        self._dev_index = None
+        self.known_mounts = relevant_mounts(cfg.mounts)
+        if (cfg.mounts, cfg.default_devices) != (old.mounts, old.default_devices):
+            self._mark(list(self.registry.vms), time.monotonic())
+
+    # ------------------------------------------------------------------ events
+    def _mount_event(self, kind: str) -> None:
+        self.metrics.event(f"mount-{kind}")
+        now = time.monotonic()
+        if self.mount_first is None:
+            self.mount_first = now
+        if self.mount_timer is not None:
+            self.mount_timer.cancel()
+        due = min(self.debounce, self.mount_first + MAX_DELAY - now)
+        self.mount_timer = self.reactor.call_later(due, self._mount_check)
+
+    def _mount_check(self) -> None:
+        first, self.mount_first, self.mount_timer = self.mount_first, None, None
+        now = relevant_mounts(self.cfg.mounts)
+        appeared = now - self.known_mounts
+        gone = self.known_mounts - now
+        self.known_mounts = now
+        for mp, fs, dev in sorted(gone):
+            log.info("host mount gone: %s (%s %s)", escape_name(mp), fs, dev)
+        if appeared:
+            for mp, fs, dev in sorted(appeared):
+                log.info("host mount appeared: %s (%s %s)", escape_name(mp), fs, dev)
+            self._mark(list(self.registry.vms), first or time.monotonic())
+
+    def _device_event(self, path: str, action: str) -> None:
+        self.metrics.event("uevent")
+        if self._dev_index is None:
+            idx: dict[str, set[int]] = {}
+            for vm in self.registry.vms.values():
+                for p in vm.device_paths():
+                    idx.setdefault(p, set()).add(vm.pid)
+            self._dev_index = idx
+        pids = self._dev_index.get(path)
+        if pids:
+            log.info("device %s: %s; repairing %d VM(s)", escape_name(path), action, len(pids))
+            self._mark(sorted(pids), time.monotonic())
+
+    def _uevent_overflow(self) -> None:
+        self.metrics.event("uevent-overflow")
+        self._dev_index = None
+        self._mark([vm.pid for vm in self.registry.vms.values() if vm.device_paths()],
+                   time.monotonic())
+
+    def _state_changed(self) -> None:
+        self.metrics.event("state-dir")
+        if self.rescan_timer is None:
+            self.rescan_timer = self.reactor.call_later(min(self.debounce, 0.02), self._rescan)
+
+    def _rescan(self) -> None:
+        self.rescan_timer = None
+        new = self.registry.rescan()
+        self._dev_index = None
+        if new:
+            self._mark([vm.pid for vm in new], time.monotonic())
+
+    def _vm_exited(self, vm: Vm) -> None:
+        self.metrics.vm_exits += 1
+        self.dirty.pop(vm.pid, None)
+        self._dev_index = None
+        self._write_metrics()
+
+    # ------------------------------------------------------------------ batches
+    def _mark(self, pids: list[int], t_event: float) -> None:
+        if not pids:
+            return
+        for pid in pids:
+            if pid in self.registry.vms:
+                self.dirty[pid] = min(self.dirty.get(pid, t_event), t_event)
+        if self.batch_job is not None:
+            return  # the next batch starts when this one is done
+        now = time.monotonic()
+        if self.batch_first is None:
+            self.batch_first = now
+        if self.batch_timer is not None:
+            self.batch_timer.cancel()
+        due = min(self.debounce, self.batch_first + MAX_DELAY - now)
+        self.batch_timer = self.reactor.call_later(due, self._run_batch)
+
+    def _run_batch(self) -> None:
+        self.batch_timer, self.batch_first = None, None
+        todo = {pid: t for pid, t in self.dirty.items() if pid in self.registry.vms}
+        self.dirty.clear()
+        if not todo:
+            return
+        cands = [replace(self.registry.vms[pid].cand) for pid in sorted(todo)]
+        per_worker = max(1, -(-len(cands) // self.workers))
+        deadline = self.timeout * per_worker + JOB_SLACK
+        sdir, lvdir, timeout, workers = self.sdir, self.lvdir, self.timeout, self.workers
+        adjust = spec_adjuster(self.cfg)
+        log.debug("batch of %d VM(s)", len(cands))
+
+        t_start = time.monotonic()
+
+        def done(value: Any, err: str | None) -> None:
+            self.batch_job = None
+            self.metrics.batches += 1
+            if err is not None:
+                log.error("batch of %d VM(s) failed: %s", len(cands), err)
+                self.metrics.failures += len(cands)
+            else:
+                self._account(value, todo)
+                log.info("batch of %d VM(s) done in %.3fs (pipeline %.3fs)", len(cands),
+                         time.monotonic() - t_start, value.get("seconds", 0.0))
+            self._write_metrics()
+            if self.dirty:
+                self._mark(list(self.dirty), min(self.dirty.values()))
+
+        self.batch_job = self._start_job(
+            "batch", lambda: _reconnect_job(cands, sdir=sdir, lvdir=lvdir, timeout=timeout,
+                                            workers=workers, adjust=adjust), deadline, done)
+
+    def _account(self, report: dict[str, Any], t_events: dict[int, float] | None = None
+                 ) -> None:
+        now = time.monotonic()
+        for o in report.get("vms", []):
+            st = o.get("status")
+            self.metrics.drift += len(o.get("drift", []))
+            if st == "repaired":
+                self.metrics.repairs += 1
+            elif st == "failed":
+                self.metrics.failures += 1
+                log.warning("%s (pid %s): %s", escape_name(o.get("name") or "?"), o.get("pid"),
+                            escape_name(o.get("error", "")))
+            if st == "repaired":
+                log.info("%s (pid %s): repaired (%d action(s))", escape_name(o.get("name") or "?"),
+                         o.get("pid"), len(o.get("actions", [])))
+            vm = self.registry.vms.get(o.get("pid", -1))
+            if vm is not None:
+                vm.note(o)
+            if t_events and o.get("pid") in t_events and st in ("repaired", "ok"):
+                self.metrics.latency(now - t_events[o["pid"]])
+
+    # ------------------------------------------------------------------ jobs
+    def _start_job(self, kind: str, fn: Callable[[], Any], timeout: float,
+                   on_done: Callable[[Any, str | None], None]) -> jobs.Job:
+        job = jobs.start(kind, fn, timeout=timeout, on_done=on_done)
+
+        def readable(_mask: int) -> None:
+            while True:
+                try:
+                    chunk = os.read(job.rfd, 1 << 16)
+                except BlockingIOError:
+                    return
+                if not chunk:
+                    break
+                job.buf += chunk
+            self.reactor.remove(job.rfd)
+            timer.cancel()
+            job.finish()
+
+        def expired() -> None:
+            log.error("%s job (pid %d) passed its deadline of %.0fs: killed", kind, job.pid,
+                      timeout)
+            self.reactor.remove(job.rfd)
+            job.finish(timed_out=True)
+
+        timer = self.reactor.call_later(timeout, expired)
+        self.reactor.add(job.rfd, IN, readable)
+        return job
+
+    def _request_job(self, kind: str, fn: Callable[[], Any], timeout: float,
+                     on_done: Callable[[Any, str | None], None]) -> None:
+        def run() -> None:
+            def finished(value: Any, err: str | None) -> None:
+                self.jobs.pop(job.pid, None)
+                try:
+                    on_done(value, err)
+                finally:
+                    if self.queue and len(self.jobs) < MAX_JOBS:
+                        self.queue.popleft()()
+
+            job = self._start_job(kind, fn, timeout, finished)
+            self.jobs[job.pid] = job
+
+        if len(self.jobs) < MAX_JOBS:
+            run()
+        else:
+            self.queue.append(run)
+
+    # ------------------------------------------------------------------ requests
+    def _request(self, conn: Conn, req: Request) -> None:
+        self.metrics.request(req.op)
+        try:
+            if req.op == "list":
+                conn.done(ok(req.id, {"vms": self.list_vms()}))
+            elif req.op == "status":
+                conn.done(ok(req.id, self.status()))
+            elif req.op in ("reconnect", "started", "repair"):
+                self._req_reconnect(conn, req)
+            else:
+                self._req_device(conn, req)
+        except NsmountError as exc:
+            conn.done(error(req.id, FAILED, exc.oneline()))
+
+    def _pid_of(self, req: Request) -> tuple[int, str | None]:
+        if req.pid is not None:
+            return req.pid, None
+        from ...sources import resolve_target
+
+        return resolve_target(str(req.domain), lvdir=self.lvdir)
+
+    def _req_reconnect(self, conn: Conn, req: Request) -> None:
+        pid, domain = self._pid_of(req)
+        vm = self.registry.vms.get(pid)
+        if vm is not None:
+            cand = replace(vm.cand, name=vm.cand.name or domain)
+        else:
+            origin = "libvirt-hook" if req.op in ("reconnect", "started") else "request"
+            cand = Candidate(pid, origin, domain)
+        t0 = time.monotonic()
+        sdir, lvdir, adjust = self.sdir, self.lvdir, spec_adjuster(self.cfg)
+
+        def done(value: Any, err: str | None) -> None:
+            if err is not None:
+                conn.done(error(req.id, TIMEOUT if err.startswith("timed out") else FAILED,
+                                err))
+                return
+            outs = value.get("vms", [])
+            if vm is None and any(o.get("status") != "failed" for o in outs):
+                # pinned and checked by the pipeline: from now on the service keeps it
+                self.registry.adopt(replace(cand))
+                self._dev_index = None
+            self._account(value, {pid: t0})
+            self._write_metrics()
+            conn.done(ok(req.id, value))
+
+        self._request_job(req.op, lambda: _reconnect_job(
+            [cand], sdir=sdir, lvdir=lvdir, timeout=req.timeout, workers=1, adjust=adjust,
+            xml=req.xml), req.timeout + JOB_SLACK, done)
+
+    def _req_device(self, conn: Conn, req: Request) -> None:
+        from ...repair import device_add, device_remove
+
+        target = req.target
+        paths = list(req.paths)
+        fn = device_add if req.op == "device-add" else device_remove
+        sdir, lvdir, timeout = self.sdir, self.lvdir, req.timeout
+
+        def work() -> dict[str, Any]:
+            try:
+                return fn(target, paths, sdir=sdir, lvdir=lvdir, timeout=timeout).to_dict()
+            except NsmountError as exc:
+                return {"status": "failed", "error": exc.oneline(), "error_code": exc.exit_code}
+
+        def done(value: Any, err: str | None) -> None:
+            if err is not None:
+                conn.done(error(req.id, TIMEOUT if err.startswith("timed out") else FAILED,
+                                err))
+                return
+            self._account({"vms": [value]})
+            conn.done(ok(req.id, value))
+
+        self._request_job(req.op, work, timeout + JOB_SLACK, done)
+
+    # ------------------------------------------------------------------ reports
+    def list_vms(self) -> list[dict[str, Any]]:
+        vms = sorted(self.registry.vms.values(), key=lambda v: (v.name or "", v.pid))
+        return [v.to_dict() for v in vms]
+
+    def status(self) -> dict[str, Any]:
+        return {"version": VERSION, "pid": os.getpid(),
+                "uptime": round(time.monotonic() - self.started, 3),
+                "vms": len(self.registry.vms), "state_dir": self.sdir,
+                "config": self.cfg.path, "mount_events": self.mountwatch.method,
+                "device_events": bool(self.uevents),
+                "batch_running": self.batch_job is not None, "jobs": len(self.jobs),
+                "queued": len(self.queue), "pending_vms": len(self.dirty),
+                "problems": dict(self.registry.problems),
+                "counters": {"drift": self.metrics.drift, "repairs": self.metrics.repairs,
+                             "failures": self.metrics.failures,
+                             "batches": self.metrics.batches,
+                             "vm_exits": self.metrics.vm_exits,
+                             "events": dict(self.metrics.events),
+                             "requests": dict(self.metrics.requests)}}
+
+    def _write_metrics(self) -> None:
+        self.metrics.vms = len(self.registry.vms)
+        if self.metrics_file:
+            try:
+                self.metrics.write(self.metrics_file)
+            except OSError as exc:
+                log.warning("cannot write metrics to %s: %s", self.metrics_file, exc.strerror)
