@@ -91,7 +91,7 @@ def _reconnect_job(cands: list[Candidate], *, sdir: str | None, lvdir: str | Non
     from ..reconnect import reconnect
 
     if xml is not None and cands:
-        from ...model.libvirt_xml import spec_from_domain_xml
+        from ...state.libvirtspec import spec_from_domain_xml
 
         try:
             cands[0].spec = replace(spec_from_domain_xml(xml), source="libvirt-hook")
@@ -155,7 +155,7 @@ class Service:
         os.close(open_subdir("vms", self.sdir))  # exists (0700) before it is watched
         self.registry = Registry(self.reactor, sdir=self.sdir, lvdir=self.lvdir,
                                  on_exit=self._vm_exited)
-        from ...sources import libvirt_state_dir
+        from ...state.sources import libvirt_state_dir
 
         self.dirwatch = DirWatch(self.reactor, [os.path.join(self.sdir, "vms"),
                                                 libvirt_state_dir(self.lvdir)],
@@ -439,7 +439,7 @@ class Service:
     def _pid_of(self, req: Request) -> tuple[int, str | None]:
         if req.pid is not None:
             return req.pid, None
-        from ...sources import resolve_target
+        from ...state.sources import resolve_target
 
         return resolve_target(str(req.domain), lvdir=self.lvdir)
 
@@ -473,7 +473,7 @@ class Service:
             xml=req.xml), req.timeout + JOB_SLACK, done)
 
     def _req_device(self, conn: Conn, req: Request) -> None:
-        from ...repair import device_add, device_remove
+        from ..repair import device_add, device_remove
 
         target = req.target
         paths = list(req.paths)
