@@ -8,6 +8,11 @@ for "clean" and "repaired"; errors start at 2.
 from __future__ import annotations
 
 import errno as _errno
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 class NsmountError(Exception):
@@ -36,6 +41,11 @@ class UnsafePathError(SpecError):
     """A path outside /dev, with '..', a symlink loop, or a planted symlink."""
 
     exit_code = 4
+
+
+class RefusedError(UnsafePathError):
+    """An action nsmount will not do because it would be unsafe (a planted mount or
+    file where it would write, a directory it would replace)."""
 
 
 class DeviceMissingError(NsmountError):
@@ -117,6 +127,19 @@ class DeadlineError(NsmountError):
 
     exit_code = 16
     hint = "a VM that blocks (FUSE, a frozen process) is abandoned; raise --timeout if it is slow"
+
+
+def wrap_oserror(fn: _F) -> _F:
+    """The boundary of the public API (psutil's ``wrap_exceptions`` in spirit): a raw
+    OSError from below becomes the matching NsmountError, with the function's name."""
+    @functools.wraps(fn)
+    def wrapper(*args: object, **kwargs: object) -> object:
+        try:
+            return fn(*args, **kwargs)
+        except OSError as exc:
+            raise from_oserror(exc, fn.__name__) from None
+
+    return wrapper  # type: ignore[return-value]
 
 
 def from_oserror(exc: OSError, what: str) -> NsmountError:

@@ -41,6 +41,7 @@ from .actions import (
     SwapDev,
     SwitchDev,
 )
+from ..errors import RefusedError
 from ..kernel import consts as C
 from ..kernel import fsops, syscalls
 from ..model.paths import components, is_strictly_within, relative
@@ -495,10 +496,6 @@ class Executor:
         self._dev_mnt = None
         self._attach_preserved(a.preserved)
         return note
-
-
-class RefusedError(Exception):
-    """An action nsmount will not do because it would be unsafe."""
 
 
 def make_hugepage_dir(root: int, mount: str, path: str, uid: int, gid: int) -> None:

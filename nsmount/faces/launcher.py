@@ -111,16 +111,70 @@ def exec_in_namespace(spec: VmSpec, argv: Sequence[str], *, state_dir: str | Non
 
 @dataclass
 class Launched:
+    """A process started by :func:`launch` in its own namespace: like
+    ``subprocess.Popen``, but addressed through a pidfd (a reused pid is never
+    signalled).  As a context manager it waits for the process on exit and closes the
+    pidfd; stop the VM first (``send_signal``) if it should not outlive the block."""
+
     pid: int
     pidfd: int
     plan: LaunchPlan
+    returncode: int | None = None
 
-    def wait(self) -> int:
-        _, status = os.waitpid(self.pid, 0)
-        return os.waitstatus_to_exitcode(status)
+    def poll(self) -> int | None:
+        """The exit code if the process ended (reaping it), else None."""
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid == self.pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the process to end; its exit code (negative: killed by a signal).
+        TimeoutError when ``timeout`` seconds pass first."""
+        if self.returncode is None:
+            if timeout is not None and self.pidfd >= 0:
+                import select
+
+                if not select.select([self.pidfd], [], [], timeout)[0]:
+                    raise TimeoutError(f"pid {self.pid} still runs after {timeout}s")
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        """Signal the process through its pidfd (nothing happens once it was reaped)."""
+        import signal
+
+        if self.returncode is None and self.pidfd >= 0:
+            try:
+                signal.pidfd_send_signal(self.pidfd, sig)
+            except ProcessLookupError:
+                pass
+
+    def terminate(self) -> None:
+        import signal
+
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        import signal
+
+        self.send_signal(signal.SIGKILL)
 
     def close(self) -> None:
-        os.close(self.pidfd)
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+    def __enter__(self) -> Launched:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.wait()
+        finally:
+            self.close()
 
 
 def launch(spec: VmSpec, argv: Sequence[str], *, state_dir: str | None = None,

@@ -64,6 +64,48 @@ class VmSpec:
     #: /dev through '..', an unusable address); reported, never fatal for the VM
     refused: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        """Validate and normalise what a library caller passed: plain strings for
+        devices (as TOML allows), lists for tuples, ``hugepages=True`` for the default
+        size.  Bad input is a SpecError here, never an AttributeError later."""
+        def put(name: str, value: object) -> None:
+            object.__setattr__(self, name, value)
+
+        if not (isinstance(self.devices, tuple)
+                and all(isinstance(d, DeviceRequest) for d in self.devices)):
+            if isinstance(self.devices, (str, bytes)) or not _iterable(self.devices):
+                raise SpecError("VmSpec devices must be a list of paths or DeviceRequests")
+            put("devices", tuple(d if isinstance(d, DeviceRequest) else _device_from(d)
+                                 for d in self.devices))
+        for name in ("default_devices", "memory_paths", "mounts", "refused"):
+            val = getattr(self, name)
+            if not isinstance(val, tuple) or not all(isinstance(x, str) for x in val):
+                if isinstance(val, (str, bytes)) or not _iterable(val):
+                    raise SpecError(f"VmSpec {name} must be a list of strings")
+                put(name, tuple(_str(x, name) for x in val))
+        hp = self.hugepages
+        if hp is True:
+            put("hugepages", (0,))
+        elif hp is False or hp is None:
+            put("hugepages", ())
+        elif isinstance(hp, int):
+            put("hugepages", (hp,))
+        elif not isinstance(hp, tuple):
+            put("hugepages", tuple(hp) if _iterable(hp) else ())
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                   for x in self.hugepages):
+            raise SpecError("VmSpec hugepages must be sizes in KiB (0 = the default size)")
+        for name in ("uid", "gid"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise SpecError(f"VmSpec {name} must be a non-negative integer")
+        if self.domain_id is not None and (not isinstance(self.domain_id, int)
+                                           or isinstance(self.domain_id, bool)
+                                           or self.domain_id < 0):
+            raise SpecError("VmSpec domain_id must be a non-negative integer")
+        if self.name is not None and not isinstance(self.name, str):
+            raise SpecError("VmSpec name must be a string")
+
     # ---------------------------------------------------------------- helpers
     @property
     def wants_hugepages(self) -> bool:
@@ -197,3 +239,11 @@ def _device_from(x: Any) -> DeviceRequest:
         required = bool(x.get("required", not x.get("optional", False)))
         return DeviceRequest(x["path"], required)
     raise SpecError("each device must be a path string or a {path=..., optional=...} table")
+
+
+def _iterable(x: object) -> bool:
+    try:
+        iter(x)  # type: ignore[call-overload]
+    except TypeError:
+        return False
+    return True

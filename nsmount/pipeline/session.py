@@ -15,11 +15,11 @@ import time
 from dataclasses import replace
 
 from ..engine.actions import Action, MakeHugepageDir, RelinkMount, ReplayMount
-from ..engine.executor import Executor, RefusedError, Result, prepare_host
+from ..engine.executor import Executor, Result, prepare_host
 from ..engine.hoststate import HostState
 from ..engine.observe import dev_listing, observe, observe_host, planted_symlinks
 from ..engine.plan import plan
-from ..errors import NsmountError
+from ..errors import NsmountError, RefusedError
 from ..kernel import consts as C
 from ..kernel import syscalls
 from ..model.display import escape_name
