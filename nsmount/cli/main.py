@@ -384,7 +384,7 @@ def cmd_exec(args: argparse.Namespace, out: P.Out) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, out: P.Out) -> int:
-    from ..faces.demo import run_demo
+    from .demo import run_demo
 
     return run_demo(keep_sandbox=False, qemu=not args.no_qemu)
 
