@@ -56,6 +56,7 @@ class VmSession:
         t0 = time.perf_counter()
         out = Outcome(self.target.pid, self.spec.name, self.spec.source)
         out.warnings += [f"skipped {s.request.path}: {s.reason}" for s in self.skipped]
+        out.warnings += [f"refused: {r}" for r in self.spec.refused]  # named, never used
         try:
             # the namespace fd keeps a dead VM's namespace alive: never repair that one
             self.target.check_alive()
