@@ -134,6 +134,13 @@ class Guard:
         return out
 
 
+def host_byid_link() -> None:
+    """The sandbox host's /dev/disk/by-id/usb-X -> ../../loop1 (a by-id device)."""
+    os.makedirs("/dev/disk/by-id", exist_ok=True)
+    if not os.path.lexists("/dev/disk/by-id/usb-X"):
+        os.symlink("../../loop1", "/dev/disk/by-id/usb-X")
+
+
 # ----------------------------------------------------------------- other processes
 def start_plain(argv: Sequence[str], want_comm: str = "sleep") -> subprocess.Popen[bytes]:
     """A process nsmount did not launch (no record); returns once its comm is ``want_comm``."""
