@@ -396,7 +396,3 @@ def hugetlb_mappings(pid: int) -> dict[str, int]:
                 out[cur] = out.get(cur, 0) + int(fields[1])
     return {k: v for k, v in out.items() if v}
 
-
-def start_exec(argv: Sequence[str] = ("sleep", "1000"), **kw: Any) -> subprocess.Popen[str]:
-    """Deprecated spelling of :func:`start_vm` (until every suite is converted)."""
-    return start_vm(argv=argv, **kw)
