@@ -53,6 +53,7 @@ def exit_codes_and_output() -> None:
         for i in range(5):
             p = subprocess.Popen([PY, "-m", "nsmount", "inspect", pid], stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE)
+            assert p.stdout and p.stderr
             p.stdout.readline()
             p.stdout.close()
             err = p.stderr.read()

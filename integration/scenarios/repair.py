@@ -143,8 +143,8 @@ def qemu_hotplug_loop_device() -> None:
         blk = {"driver": "host_device", "node-name": "d1", "filename": loop}
         with qmp(vm) as q:
             assert vm_lstat(pid, loop) is None
-            r = q.execute("blockdev-add", blk)
-            assert "error" in r and "No such file" in r["error"]["desc"], r
+            reply = q.execute("blockdev-add", blk)
+            assert "error" in reply and "No such file" in reply["error"]["desc"], reply
 
             r = nsm("device", "add", pid, loop)
             assert r.returncode == 1, r  # repaired (added)
@@ -173,8 +173,8 @@ def qemu_hotplug_loop_device() -> None:
             _, doc, _ = nsm_json("repair", pid, rc=0)
             assert doc["actions"] == [], doc
             assert vm_lstat(pid, loop) is None, "repair recreated a removed node"
-            r = q.execute("blockdev-add", blk)
-            assert "error" in r, r
+            reply = q.execute("blockdev-add", blk)
+            assert "error" in reply, reply
 
             # a default node cannot be removed
             before = vm_state(pid)
@@ -312,10 +312,10 @@ def planted_symlinks() -> None:
         assert etc_state() == etc, "the sandbox's /etc/passwd changed"
         assert read_text("/proc/self/mountinfo") == sandbox_mi, "sandbox mounts changed"
         st = vm_lstat(pid, "/dev/zero")
-        assert stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 5), st
+        assert st and stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 5), st
         assert stat.S_IMODE(st.st_mode) == 0o666
         st = vm_lstat(pid, "/dev/shm")
-        assert stat.S_ISDIR(st.st_mode), st
+        assert st and stat.S_ISDIR(st.st_mode), st
         m = top_mounts(pid)
         assert m["/dev/shm"].fstype == "tmpfs", m
         assert vm_etc_mounts(pid) == vm_etc, "something was mounted over the VM's /etc"
