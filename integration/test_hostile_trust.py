@@ -48,28 +48,21 @@ VM, so a failure is the product's, not the setup's.
 from __future__ import annotations
 
 import re
-import sys
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from sandbox import privileged, run_in_sandbox
+from harness import in_sandbox, privileged
+from scenarios import trust
 
 pytestmark = privileged
 
-BOOT = ("import os, sys\n"
-        "sys.path.insert(0, os.path.join(os.environ['PYTHONPATH'].split(':')[0], "
-        "'integration'))\n")
 
-
-def scenario(call: str, *, hugetlbfs: tuple[str, ...] = (), timeout: float = 170
-             ) -> dict[str, Any]:
-    """Run ``scenarios.trust.<call>`` in a fresh sandbox; its JSON, preconditions checked."""
-    fn = call.split("(", 1)[0]
-    res = run_in_sandbox(f"{BOOT}from scenarios.trust import {fn}\n{call}\n",
-                         hugetlbfs=hugetlbfs, check=False, timeout=timeout)
+def scenario(fn: Callable[..., None], *args: object, hugetlbfs: tuple[str, ...] = (),
+             timeout: float = 170) -> dict[str, Any]:
+    """Run ``fn(*args)`` (a ``scenarios.trust`` case) in a fresh sandbox; its JSON,
+    preconditions checked."""
+    res = in_sandbox(fn, *args, hugetlbfs=hugetlbfs, check=False, timeout=timeout)
     assert res.returncode == 0, f"scenario crashed (test setup?):\n{res.describe()}"
     obs: dict[str, Any] = res.json()
     broken = [k for k, v in obs.get("pre", {}).items() if not v]
@@ -109,7 +102,7 @@ USERNS_WORDS = ("user namespace", "recorded")
 # ---------------------------------------------------------------------- 1
 @pytest.mark.parametrize("variant", ["unpriv-userns", "priv-new-mntns"])
 def test_foreign_mntns_refused(variant: str) -> None:
-    o = scenario(f"case_foreign_mntns({variant!r})")
+    o = scenario(trust.case_foreign_mntns, variant)
     for r in o["runs"].values():  # inspect, repair, device add, run-in
         refused(r, 15, *USERNS_WORDS)
     assert not o["runin_ran"], "run-in executed inside the foreign namespace"
@@ -126,7 +119,7 @@ def test_foreign_mntns_refused(variant: str) -> None:
 # ---------------------------------------------------------------------- 2
 @pytest.mark.parametrize("variant", ["priv", "unpriv"])
 def test_proc_fd_symlinks_do_not_redirect_attrs(variant: str) -> None:
-    o = scenario(f"case_proc_fd_symlinks({variant!r})")
+    o = scenario(trust.case_proc_fd_symlinks, variant)
     assert o["victim_after"] == o["victim_before"], \
         f"HOST FILE CHANGED through the VM's /proc: {o['victim_before']} -> {o['victim_after']}"
     if variant == "priv":
@@ -144,7 +137,7 @@ def test_proc_fd_symlinks_do_not_redirect_attrs(variant: str) -> None:
 # ---------------------------------------------------------------------- 3
 @pytest.mark.parametrize("variant", ["priv", "unpriv"])
 def test_run_in_never_runs_vm_planted_binary(variant: str) -> None:
-    o = scenario(f"case_run_in_planted_binary({variant!r})")
+    o = scenario(trust.case_run_in_planted_binary, variant)
     assert not o["planted_ran"], "HOST ROOT RAN THE VM'S PLANTED probe: " + str(o["run_in"])
     r = o["run_in"]
     if variant == "unpriv":
@@ -161,7 +154,7 @@ def test_run_in_never_runs_vm_planted_binary(variant: str) -> None:
 # ---------------------------------------------------------------------- 4
 @pytest.mark.parametrize("variant", ["priv-bind", "priv-umount-l", "unpriv-bind"])
 def test_foreign_dev_never_written(variant: str) -> None:
-    o = scenario(f"case_foreign_dev({variant!r})")
+    o = scenario(trust.case_foreign_dev, variant)
     assert o["hostdir_after_repair"] == [], "repair wrote outside the VM's own /dev tmpfs"
     if variant == "unpriv-bind":
         refused(o["repair"], 15, *USERNS_WORDS)
@@ -178,7 +171,7 @@ def test_foreign_dev_never_written(variant: str) -> None:
 
 # ---------------------------------------------------------------------- 5
 def test_fake_qemu_of_ordinary_user_not_adopted() -> None:
-    o = scenario("case_fake_qemu_discovery()", hugetlbfs=("/dev/hugepages",))
+    o = scenario(trust.case_fake_qemu_discovery, hugetlbfs=("/dev/hugepages",))
     clean(o["reconnect"], 1, 2)
     good = by_pid(o, o["good_pid"])
     assert good and good[0]["status"] == "repaired", o["vms"]
@@ -191,7 +184,7 @@ def test_fake_qemu_of_ordinary_user_not_adopted() -> None:
 
 # ---------------------------------------------------------------------- 6
 def test_mountinfo_fifo_does_not_hang() -> None:
-    o = scenario("case_mountinfo_fifo()")
+    o = scenario(trust.case_mountinfo_fifo)
     clean(o["inspect"], 0)
     clean(o["repair"], 0, 1)
     rec = o["reconnect"]
@@ -203,7 +196,7 @@ def test_mountinfo_fifo_does_not_hang() -> None:
 
 
 def test_hung_vm_times_out() -> None:
-    o = scenario("case_hung_vm_timeout()")
+    o = scenario(trust.case_hung_vm_timeout)
     for r in o["runs"].values():
         refused(r, 16, "timed out")
         assert r["seconds"] < 20, r["seconds"]
@@ -225,7 +218,7 @@ STATE_VARIANTS = ["fifo-pidfile", "hook-fifo-pidfile", "fifo-record", "record-de
 
 @pytest.mark.parametrize("variant", STATE_VARIANTS)
 def test_hostile_state_files(variant: str) -> None:
-    o = scenario(f"case_state_files({variant!r})")
+    o = scenario(trust.case_state_files, variant)
     if variant == "hook-fifo-pidfile":
         clean(o["hook"], 0)
         assert o["hook"]["seconds"] < 10, o["hook"]
@@ -254,7 +247,7 @@ def test_hostile_state_files(variant: str) -> None:
 
 # ---------------------------------------------------------------------- 8
 def test_output_escaping() -> None:
-    o = scenario("case_output_escaping()")
+    o = scenario(trust.case_output_escaping)
     runs = o["runs"]
     for key in ("inspect", "repair"):
         r = runs[key]
@@ -277,7 +270,7 @@ def test_output_escaping() -> None:
 # ---------------------------------------------------------------------- 9
 @pytest.mark.parametrize("length", [242, 248, 255])
 def test_long_byid_name_hot_added(length: int) -> None:
-    o = scenario(f"case_long_byid_name({length})")
+    o = scenario(trust.case_long_byid_name, length)
     clean(o["add"], 1)  # added: something changed
     assert o["vm_link"] == "../../loop1", o
     assert o["vm_loop1"].startswith("block special file"), o
@@ -292,7 +285,7 @@ def _only_long_path_failed(r: dict[str, Any], error: str) -> None:
 
 @pytest.mark.parametrize("variant", ["dev-tmpfs", "hugetlbfs"])
 def test_mount_path_beyond_path_max(variant: str) -> None:
-    o = scenario(f"case_path_max_mount({variant!r})")
+    o = scenario(trust.case_path_max_mount, variant)
     clean(o["repair"], 1, 2)
     _only_long_path_failed(o["repair"], (o["repair"]["json"] or {}).get("error", ""))
     assert is_char(o["null_after_repair"]), \
@@ -308,7 +301,7 @@ def test_mount_path_beyond_path_max(variant: str) -> None:
 # ---------------------------------------------------------------------- 10
 @pytest.mark.parametrize("variant", ["proc", "data"])
 def test_stacked_private_mounts_converge(variant: str) -> None:
-    o = scenario(f"case_stacked_mounts({variant!r})")
+    o = scenario(trust.case_stacked_mounts, variant)
     first, second, third = o["runs"]
     errors = [(r["json"] or {}).get("error") or r["err"] for r in o["runs"]]
     for r in o["runs"]:

@@ -3,8 +3,9 @@
 Every test runs in its own sandbox (tests/sandbox.py): a private mount + PID namespace
 playing a hypervisor host (tmpfs /dev with real nodes, / rshared).  VMs are stand-ins
 (``nsmount exec --spec F -- sleep 1000``) or a real QEMU (``-S``, QMP on a unix socket
-in the sandbox's /tmp).  The assertions run inside the sandbox; a failure there is a
-traceback in the sandbox's stderr, shown by run_in_sandbox.
+in the sandbox's /tmp).  The assertions run inside the sandbox (the scenario bodies are
+in integration/scenarios/repair.py); a failure there is a traceback in the sandbox's
+stderr, shown by run_in_sandbox.
 
 ====================  =================================================================
 test                  checks
@@ -37,520 +38,48 @@ propagation           --check ok; /dev made private: --check 1, --fix --dry-run 
 from __future__ import annotations
 
 import shutil
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from sandbox import privileged, run_in_sandbox
+from harness import assert_ok, in_sandbox, privileged
+from scenarios import repair
 
 pytestmark = privileged
 
 needs_qemu = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
                                 reason="qemu-system-x86_64 not installed")
 
-#: helpers that run inside every sandbox
-PRELUDE = r'''
-import hashlib, json, os, signal, stat, subprocess, sys, time
-
-PY = sys.executable
-sys.path.insert(0, os.path.join(os.environ["PYTHONPATH"].split(":")[0], "integration"))
-from vmhelpers import comm, nsm, one_line_error, sh, stop, wait_for, write_spec
-
-
-def start_vm(argv=("sleep", "1000"), name="x", id=3, devices=("/dev/loop0",),
-             hugepages=True, **extra):
-    """`nsmount exec --spec F -- ARGV`; returns the Popen once the record exists and
-    the command has been exec'd."""
-    spec = write_spec(f"/run/spec-{name}.toml", name=name, id=id, devices=list(devices),
-                      hugepages=hugepages, **extra)
-    p = subprocess.Popen([PY, "-m", "nsmount", "exec", "--spec", spec, "--", *argv],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    want = os.path.basename(argv[0])[:15]
-
-    def up():
-        if p.poll() is not None:
-            raise AssertionError(f"exec failed {p.returncode}: {p.stderr.read()}")
-        return os.path.exists(f"/run/nsmount/vms/{p.pid}.json") and comm(p.pid) == want
-    wait_for(up, f"VM {argv[0]}")
-    return p
-
-
-def nsm_json(*args, rc=None, **kw):
-    r = nsm(*args, "--json", **kw)
-    if rc is not None:
-        assert r.returncode == rc, f"{args}: rc {r.returncode} != {rc}\n{r.stdout}{r.stderr}"
-    return r.returncode, json.loads(r.stdout)
-
-
-def tree(root):
-    """path (relative to root) -> (type, ino, mode, uid, gid, rdev, link target), one
-    filesystem, symlinks not followed."""
-    out = {}
-    rdev = os.lstat(root).st_dev
-    for dirpath, dirnames, filenames in os.walk(root):
-        for n in dirnames + filenames:
-            p = os.path.join(dirpath, n)
-            st = os.lstat(p)
-            out[p[len(root):]] = (stat.S_IFMT(st.st_mode), st.st_ino, stat.S_IMODE(st.st_mode),
-                                  st.st_uid, st.st_gid, st.st_rdev,
-                                  os.readlink(p) if stat.S_ISLNK(st.st_mode) else "")
-        dirnames[:] = [d for d in dirnames
-                       if os.lstat(os.path.join(dirpath, d)).st_dev == rdev]
-    return out
-
-
-def vm_state(pid):
-    """The VM's mount table and /dev listing, seen through /proc/PID/root."""
-    with open(f"/proc/{pid}/mountinfo") as fh:
-        mi = fh.read()
-    return mi, tree(f"/proc/{pid}/root/dev")
-
-
-def vm_lstat(pid, path):
-    try:
-        return os.lstat(f"/proc/{pid}/root{path}")
-    except FileNotFoundError:
-        return None
-
-
-def vm_mounts(pid):
-    """mount point -> (fstype, propagation fields) of the VM."""
-    out = {}
-    with open(f"/proc/{pid}/mountinfo") as fh:
-        for line in fh:
-            left, right = line.rstrip("\n").split(" - ", 1)
-            f = left.split(" ")
-            out[f[4]] = (right.split(" ")[0], " ".join(f[6:]))
-    return out
-
-
-def kinds(doc):
-    return {(d["kind"], d["path"]) for d in doc["drift"]}
-
-
-DAMAGE = "rm /dev/null; chmod 600 /dev/zero; umount /dev/shm; mount --make-private /"
-
-
-def check_damage_cycle(pid, source="record"):
-    """The issue's cycle: inspect reports, dry-run changes nothing, repair fixes (1),
-    the next repair is clean (0)."""
-    sh(["nsenter", "-t", str(pid), "-m", "sh", "-c", DAMAGE])
-    rc, doc = nsm_json("inspect", pid, rc=0)
-    assert doc["source"] == source, doc["source"]
-    for d in doc["drift"]:
-        assert set(d) == {"kind", "path", "detail", "fixable"} and d["detail"], d
-    assert {("missing-node", "/dev/null"), ("wrong-attrs", "/dev/zero"),
-            ("missing-mount", "/dev/shm"), ("private-mount", "/")} <= kinds(doc), doc["drift"]
-    zero = [d for d in doc["drift"] if d["path"] == "/dev/zero"][0]
-    assert "0600" in zero["detail"] and "0666" in zero["detail"], zero
-    assert not any(e["path"] == "/dev/null" for e in doc["dev"])
-
-    before = vm_state(pid)
-    rc, doc = nsm_json("repair", pid, "--dry-run", rc=1)  # would repair: 1, like repair
-    assert doc["status"] == "would-repair" and doc["results"] == [], doc
-    assert len(doc["actions"]) >= 4, doc["actions"]
-    assert vm_state(pid) == before, "repair --dry-run changed the VM"
-
-    rc, doc = nsm_json("repair", pid, rc=1)
-    assert doc["status"] == "repaired", doc
-    assert doc["results"] and all(r["ok"] for r in doc["results"]), doc["results"]
-    st = vm_lstat(pid, "/dev/null")
-    assert st and stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3), st
-    assert stat.S_IMODE(st.st_mode) == 0o666
-    st = vm_lstat(pid, "/dev/zero")
-    assert stat.S_ISCHR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o666, st
-    m = vm_mounts(pid)
-    assert m["/dev/shm"][0] == "tmpfs", m
-    assert "master:" in m["/"][1], m["/"]
-    # /dev/shm is the host's: a file made on the sandbox side shows up in the VM
-    with open("/dev/shm/probe", "w") as fh:
-        fh.write("hi")
-    assert vm_lstat(pid, "/dev/shm/probe") is not None
-    os.unlink("/dev/shm/probe")
-    # and / propagates again: a mount made on the sandbox side arrives in the VM
-    os.makedirs("/mnt/late", exist_ok=True)
-    sh(["mount", "-t", "tmpfs", "late", "/mnt/late"])
-    try:
-        assert "/mnt/late" in vm_mounts(pid), "host mounts do not reach the VM"
-    finally:
-        sh(["umount", "/mnt/late"])
-
-    rc, doc = nsm_json("repair", pid, rc=0)
-    assert doc["status"] == "ok" and doc["actions"] == [] and doc["drift"] == [], doc
-'''
-
-QEMU_ARGV = ("qemu-system-x86_64", "-machine", "q35,accel=kvm:tcg", "-m", "64", "-nodefaults",
-             "-display", "none", "-S", "-qmp", "unix:/tmp/qmp.sock,server=on,wait=off")
-
-
-def sandbox(code: str, **kw: object):
-    return run_in_sandbox(PRELUDE + textwrap.dedent(code), **kw)  # type: ignore[arg-type]
-
 
 def test_damage_cycle() -> None:
-    sandbox('''
-        vm = start_vm()
-        try:
-            rc, doc = nsm_json("repair", vm.pid, rc=0)
-            assert doc["status"] == "ok", doc
-            check_damage_cycle(vm.pid)
-        finally:
-            stop(vm)
-        print("OK")
-    ''', hugetlbfs=["/dev/hugepages"])
+    assert_ok(in_sandbox(repair.damage_cycle, hugetlbfs=["/dev/hugepages"]))
 
 
 @pytest.mark.qemu
 @needs_qemu
 def test_qemu_damage_cycle() -> None:
-    sandbox(f'''
-        from qmp import QMP
-        vm = start_vm({QEMU_ARGV!r}, name="q", id=5, devices=[], hugepages=False)
-        try:
-            with QMP.connect("/tmp/qmp.sock") as q:
-                assert q.cmd("query-status")["status"] == "prelaunch"
-                check_damage_cycle(vm.pid)
-                assert q.cmd("query-status")["status"] == "prelaunch"
-            # a new connection after the repair answers too
-            with QMP.connect("/tmp/qmp.sock") as q:
-                assert q.cmd("query-status")["status"] == "prelaunch"
-            assert vm.poll() is None
-        finally:
-            stop(vm)
-        print("OK")
-    ''')
+    assert_ok(in_sandbox(repair.qemu_damage_cycle))
 
 
 @pytest.mark.qemu
 @needs_qemu
 def test_qemu_hotplug_loop_device() -> None:
-    sandbox(f'''
-        from qmp import QMP
-
-        with open("/tmp/disk.img", "wb") as fh:
-            fh.truncate(16 << 20)
-        loop = None
-        vm = None
-        try:
-            for _ in range(10):  # other sandboxes may grab the same free device
-                name = sh(["losetup", "-f"]).stdout.strip()
-                n = int(name.removeprefix("/dev/loop"))
-                if not os.path.exists(name):
-                    os.mknod(name, 0o660 | stat.S_IFBLK, os.makedev(7, n))
-                if sh(["losetup", name, "/tmp/disk.img"], check=False).returncode == 0:
-                    loop = name
-                    break
-                time.sleep(0.1)
-            assert loop, "no free loop device"
-            host_st = os.lstat(loop)
-            vm = start_vm({QEMU_ARGV!r}, name="q", id=5, devices=[], hugepages=False)
-            pid = vm.pid
-            blk = {{"driver": "host_device", "node-name": "d1", "filename": loop}}
-            with QMP.connect("/tmp/qmp.sock") as q:
-                assert vm_lstat(pid, loop) is None
-                r = q.execute("blockdev-add", blk)
-                assert "error" in r and "No such file" in r["error"]["desc"], r
-
-                r = nsm("device", "add", pid, loop)
-                assert r.returncode == 1, r  # repaired (added)
-                st = vm_lstat(pid, loop)
-                assert st and stat.S_ISBLK(st.st_mode) and st.st_rdev == host_st.st_rdev, st
-                q.cmd("blockdev-add", blk)
-                assert any(n["node-name"] == "d1" for n in q.cmd("query-named-block-nodes"))
-                rec = json.load(open(f"/run/nsmount/vms/{{pid}}.json"))
-                assert loop in json.dumps(rec), rec
-
-                # the record is updated: repair recreates the hotplugged node
-                rc, doc = nsm_json("repair", pid, rc=0)
-                assert doc["actions"] == [], doc
-                sh(["nsenter", "-t", str(pid), "-m", "rm", loop])
-                rc, doc = nsm_json("repair", pid, rc=1)
-                assert ("missing-node", loop) in kinds(doc), doc
-                assert vm_lstat(pid, loop) is not None
-
-                q.cmd("blockdev-del", {{"node-name": "d1"}})
-                r = nsm("device", "remove", pid, loop)
-                assert r.returncode == 1, r  # removed
-                r = nsm("device", "remove", pid, loop, "--json")
-                assert r.returncode == 0 and json.loads(r.stdout)["status"] == "ok", r
-                assert vm_lstat(pid, loop) is None, "still in the VM"
-                assert os.lstat(loop).st_ino == host_st.st_ino, "host node touched"
-                rc, doc = nsm_json("repair", pid, rc=0)
-                assert doc["actions"] == [], doc
-                assert vm_lstat(pid, loop) is None, "repair recreated a removed node"
-                r = q.execute("blockdev-add", blk)
-                assert "error" in r, r
-
-                # a default node cannot be removed
-                before = vm_state(pid)
-                r = nsm("device", "remove", pid, "/dev/null")
-                one_line_error(r, 4, "default")
-                assert vm_state(pid) == before
-                assert q.cmd("query-status")["status"] == "prelaunch"
-        finally:
-            if vm is not None:
-                stop(vm)
-            if loop:
-                sh(["losetup", "-d", loop], check=False)
-        print("OK")
-    ''')
+    assert_ok(in_sandbox(repair.qemu_hotplug_loop_device))
 
 
 def test_bad_targets() -> None:
-    sandbox('''
-        import fcntl
-        from nsmount.state.target import starttime
-
-        vm = start_vm()
-        pid = vm.pid
-        others = []
-        try:
-            vm_before = vm_state(pid)
-            dev_before = tree("/dev")
-
-            # the host itself: our own pid and PID 1 of the sandbox
-            for t in (os.getpid(), 1, f"pid:{os.getpid()}"):
-                for args in (("repair", t), ("inspect", t), ("device", "add", t, "/dev/loop1")):
-                    one_line_error(nsm(*args), 10, "refusing")
-            # nonexistent pid
-            one_line_error(nsm("repair", 99999), 9)
-            one_line_error(nsm("inspect", "pid:99999"), 9)
-
-            # a pid that exits during the run: it waits for the VM lock, the VM dies
-            victim = start_vm(name="v", id=4)
-            others.append(victim)
-            nsm_json("inspect", victim.pid, rc=0)  # makes the locks dir
-            lock = f"/run/nsmount/locks/{victim.pid}-{starttime(victim.pid)}.lock"
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            rep = subprocess.Popen([PY, "-m", "nsmount", "repair", str(victim.pid)],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            def holds_lock() -> bool:
-                # the lock is taken by the repair's forked worker (or the repair itself)
-                pids = [rep.pid] + [int(p) for p in os.listdir("/proc") if p.isdigit()
-                                    and _ppid(int(p)) == rep.pid]
-                for pid in pids:
-                    try:  # the fd may close between listdir and readlink
-                        for f in os.listdir(f"/proc/{pid}/fd"):
-                            if os.readlink(f"/proc/{pid}/fd/{f}") == lock:
-                                return True
-                    except FileNotFoundError:
-                        pass
-                return False
-
-            def _ppid(pid: int) -> int:
-                try:
-                    with open(f"/proc/{pid}/stat") as fh:
-                        return int(fh.read().rsplit(")", 1)[1].split()[1])
-                except (OSError, ValueError, IndexError):
-                    return -1
-
-            wait_for(holds_lock, "repair to open the lock")
-            stop(victim)
-            os.close(fd)
-            out, err = rep.communicate(timeout=30)
-            one_line_error(subprocess.CompletedProcess(rep.args, rep.returncode, out, err), 9,
-                           str(victim.pid))
-
-            # not QEMU, no record: 11 mentioning --spec; with --spec it works
-            plain = subprocess.Popen(["unshare", "-m", "--propagation", "slave",
-                                      "sleep", "100"])
-            others.append(plain)
-            wait_for(lambda: comm(plain.pid) == "sleep", "unshare")
-            plain_before = vm_state(plain.pid)
-            one_line_error(nsm("inspect", plain.pid), 11, "--spec")
-            one_line_error(nsm("repair", plain.pid), 11, "--spec")
-            rc, doc = nsm_json("inspect", plain.pid, "--spec", "/run/spec-x.toml", rc=0)
-            assert doc["source"] == "spec", doc
-            assert [d["kind"] for d in doc["drift"]] == ["foreign-dev"], doc["drift"]
-            # its /dev is the sandbox host's own: nsmount writes nothing there, fails
-            rc, doc = nsm_json("repair", plain.pid, "--spec", "/run/spec-x.toml", rc=2)
-            assert [d["kind"] for d in doc["drift"]] == ["foreign-dev"], doc["drift"]
-            assert "host namespace" in doc["drift"][0]["detail"], doc["drift"]
-            assert vm_state(plain.pid) == plain_before
-
-            # libvirt domain names
-            os.makedirs("/run/libvirt/qemu", exist_ok=True)
-            one_line_error(nsm("repair", "nosuchdom"), 8, "nosuchdom.pid")
-            with open("/run/libvirt/qemu/bad.pid", "w") as fh:
-                fh.write(f"{plain.pid}\\n")
-            with open("/run/libvirt/qemu/bad.xml", "w") as fh:
-                fh.write("<domstatus state='running' pid='%d'><domain type='kvm'><name>bad"
-                         % plain.pid)
-            one_line_error(nsm("repair", "bad"), 3, "bad.xml")
-            one_line_error(nsm("inspect", "bad"), 3)
-
-            # hotplug paths: not a device (5), '..' (4), outside /dev (4)
-            one_line_error(nsm("device", "add", pid, "/dev/shm"), 5)
-            one_line_error(nsm("device", "add", pid, "/dev/../etc/passwd"), 4)
-            one_line_error(nsm("device", "add", pid, "/dev/loop1/../loop2"), 4)
-            one_line_error(nsm("device", "remove", pid, "/dev/../dev/loop0"), 4)
-            one_line_error(nsm("device", "add", pid, "/etc/passwd"), 4)
-
-            assert vm_state(pid) == vm_before, "the VM changed"
-            assert tree("/dev") == dev_before, "the sandbox /dev changed"
-            rc, doc = nsm_json("repair", pid, rc=0)
-        finally:
-            for p in [vm, *others]:
-                stop(p)
-        print("OK")
-    ''')
+    assert_ok(in_sandbox(repair.bad_targets))
 
 
 def test_planted_symlinks() -> None:
-    sandbox('''
-        # a private copy of /etc bound over the sandbox's, so a followed symlink could
-        # only damage the copy
-        sh(["cp", "-a", "/etc", "/run/fake-etc"])
-        sh(["mount", "--bind", "/run/fake-etc", "/etc"])
-
-        def etc_state():
-            st = os.stat("/etc/passwd")
-            with open("/etc/passwd", "rb") as fh:
-                data = fh.read()
-            return (st.st_ino, st.st_mode, st.st_uid, st.st_gid, hashlib.sha1(data).digest(),
-                    os.stat("/etc").st_mode, sorted(os.listdir("/etc")))
-
-        vm = start_vm()
-        pid = vm.pid
-        try:
-            etc = etc_state()
-            sandbox_mi = open("/proc/self/mountinfo").read()
-            vm_etc = [l for l in open(f"/proc/{pid}/mountinfo") if " /etc " in l]
-            sh(["nsenter", "-t", str(pid), "-m", "sh", "-c",
-                "umount /dev/shm && rmdir /dev/shm && ln -s /etc /dev/shm && "
-                "rm /dev/zero && ln -s /etc/passwd /dev/zero"])
-            rc, doc = nsm_json("inspect", pid, rc=0)
-            warn = " ".join(doc["warnings"])
-            assert "/dev/shm -> /etc" in warn and "/dev/zero -> /etc/passwd" in warn, warn
-            assert ("planted", "/dev/zero") in kinds(doc), doc["drift"]
-            assert ("planted", "/dev/shm") in kinds(doc), doc["drift"]
-
-            rc, doc = nsm_json("repair", pid, rc=1)
-            assert all(r["ok"] for r in doc["results"]), doc["results"]
-            assert ("planted", "/dev/zero") in kinds(doc), doc["drift"]
-            assert etc_state() == etc, "the sandbox's /etc/passwd changed"
-            assert open("/proc/self/mountinfo").read() == sandbox_mi, "sandbox mounts changed"
-            st = vm_lstat(pid, "/dev/zero")
-            assert stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 5), st
-            assert stat.S_IMODE(st.st_mode) == 0o666
-            st = vm_lstat(pid, "/dev/shm")
-            assert stat.S_ISDIR(st.st_mode), st
-            m = vm_mounts(pid)
-            assert m["/dev/shm"][0] == "tmpfs", m
-            assert [l for l in open(f"/proc/{pid}/mountinfo") if " /etc " in l] == vm_etc, \
-                "something was mounted over the VM's /etc"
-            rc, doc = nsm_json("repair", pid, rc=0)
-            assert etc_state() == etc
-        finally:
-            stop(vm)
-        print("OK")
-    ''', hugetlbfs=["/dev/hugepages"])
+    assert_ok(in_sandbox(repair.planted_symlinks, hugetlbfs=["/dev/hugepages"]))
 
 
 def test_rebuild_dev_keeps_open_fds() -> None:
-    sandbox('''
-        spec = write_spec("/run/spec-r.toml", name="r", id=6, devices=[], hugepages=False)
-        loop = ("exec 3</dev/null; i=0; while :; do i=$((i+1)); "
-                "if cat <&3 >/dev/null; then echo ok $i; else echo bad $i; fi "
-                ">>/tmp/reads; sleep 0.05; done")
-        p = subprocess.Popen(["unshare", "-m", "--propagation", "slave", "sh", "-c", loop])
-        pid = p.pid
-        try:
-            wait_for(lambda: os.path.exists("/tmp/reads"), "reader")
-            assert os.readlink(f"/proc/{pid}/fd/3") == "/dev/null"
-            assert vm_lstat(pid, "/dev/loop0") is not None  # the sandbox's full /dev
-            r = nsm("repair", pid)
-            one_line_error(r, 11, "--spec")
-            rc, doc = nsm_json("repair", pid, "--rebuild-dev", "--spec", spec, rc=1)
-            assert doc["status"] == "repaired", doc
-            assert all(r["ok"] for r in doc["results"]), doc["results"]
-
-            m = vm_mounts(pid)
-            assert m["/dev"][0] == "tmpfs", m
-            assert m["/dev/pts"][0] == "devpts" and m["/dev/shm"][0] == "tmpfs", m
-            names = set(os.listdir(f"/proc/{pid}/root/dev"))
-            defaults = {"null", "full", "zero", "random", "urandom", "ptmx", "kvm"}
-            assert defaults <= names, names
-            assert "loop0" not in names and "loop-control" not in names, names
-            assert os.stat(f"/proc/{pid}/root/dev").st_dev != os.stat("/dev").st_dev
-            # the sandbox's own /dev is untouched
-            assert os.path.exists("/dev/loop0") and os.path.ismount("/dev/shm")
-
-            # the reader keeps going on its old fd 3 (and the new /dev/null)
-            assert os.path.exists(f"/proc/{pid}/fdinfo/3")
-            n0 = len(open("/tmp/reads").read().splitlines())
-            wait_for(lambda: len(open("/tmp/reads").read().splitlines()) >= n0 + 5,
-                     "reads after the swap", timeout=10)
-            lines = open("/tmp/reads").read().splitlines()
-            assert all(l.startswith("ok ") for l in lines), [l for l in lines if "bad" in l]
-            assert p.poll() is None
-            rc, doc = nsm_json("repair", pid, "--spec", spec, rc=0)
-            assert doc["actions"] == [], doc
-        finally:
-            stop(p)
-        print("OK")
-    ''')
+    assert_ok(in_sandbox(repair.rebuild_dev_keeps_open_fds))
 
 
 def test_run_in() -> None:
-    sandbox('''
-        vm = start_vm()
-        try:
-            r = nsm("run-in", vm.pid, "--", "cat", "/proc/self/mountinfo")
-            assert r.returncode == 0, r
-            assert r.stdout == open(f"/proc/{vm.pid}/mountinfo").read()
-            assert r.stdout != open("/proc/self/mountinfo").read()
-            dev = [l for l in r.stdout.splitlines() if l.split(" ")[4] == "/dev"]
-            assert len(dev) == 1 and "devfs" in dev[0], dev  # the VM's private tmpfs
-            r = nsm("run-in", vm.pid, "--", "ls", "/dev")
-            assert "loop0" in r.stdout.split() and "loop1" not in r.stdout.split(), r.stdout
-            for t in (os.getpid(), 1):
-                one_line_error(nsm("run-in", t, "--", "true"), 10, "refusing")
-            one_line_error(nsm("run-in", vm.pid, "--", "no-such-cmd-xyz"), 7)
-        finally:
-            stop(vm)
-        print("OK")
-    ''')
+    assert_ok(in_sandbox(repair.run_in))
 
 
 def test_propagation() -> None:
-    sandbox('''
-        def prop(path):
-            for line in open("/proc/self/mountinfo"):
-                f = line.split(" - ")[0].split(" ")
-                if f[4] == path:
-                    last = " ".join(f[6:])
-            return last
-
-        r = nsm("propagation", "--check")
-        assert r.returncode == 0, r
-        r = nsm("propagation", "--check", "--json")
-        doc = json.loads(r.stdout)
-        assert doc["ok"] and {m["path"] for m in doc["mounts"]} >= {"/", "/dev"}, doc
-
-        sh(["mount", "--make-private", "/dev"])
-        assert "shared:" not in prop("/dev")
-        r = nsm("propagation", "--check")
-        assert r.returncode == 1 and "BAD" in r.stdout and "/dev" in r.stdout, r
-        mi = open("/proc/self/mountinfo").read()
-        r = nsm("propagation", "--fix", "--dry-run")
-        assert r.returncode == 1 and "would run" in r.stdout, r
-        assert open("/proc/self/mountinfo").read() == mi, "--dry-run changed mounts"
-        r = nsm("propagation", "--fix")
-        assert r.returncode == 0, r
-        assert "shared:" in prop("/dev"), prop("/dev")
-        assert nsm("propagation", "--check").returncode == 0
-        # a path that is no mount point fails, and the JSON agrees with its rows
-        for path in ("/nonexistent", "/etc"):
-            r = nsm("propagation", "--check", "--json", path)
-            doc = json.loads(r.stdout)
-            assert r.returncode == 1 and doc["ok"] is False, r
-            assert doc["mounts"][0]["mounted"] is False and doc["version"] == 1, doc
-        r = nsm("propagation", "--check", "/", "/etc")
-        assert r.returncode == 1 and "not a mount point" in r.stdout, r
-        print("OK")
-    ''')
+    assert_ok(in_sandbox(repair.propagation))

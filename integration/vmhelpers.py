@@ -1,13 +1,16 @@
-"""Helpers for integration tests that start VMs (stand-ins or QEMU) with ``nsmount exec``.
+"""Start VMs (stand-ins or QEMU) with nsmount, run nsmount, look at a VM from outside.
 
-Meant to be imported *inside* a sandbox (tests/sandbox.py) by the test's code::
+Imported by the scenario bodies in ``integration/scenarios/`` (tests as code, issue 9),
+which run *inside* a sandbox (tests/sandbox.py) as its fake hypervisor host; the
+process that calls these functions is that host.  Only the standard library and nsmount's
+public API are used; nothing here mounts anything unless asked to
+(:func:`mount_hugetlbfs`).
 
-    import os, sys
-    sys.path.insert(0, os.path.join(os.environ["PYTHONPATH"].split(":")[0], "integration"))
-    from vmhelpers import start_exec, stop, mountinfo, ...
-
-Only the standard library is used.  Nothing here mounts anything itself; the process
-that calls these functions is expected to be a sandbox's "host".
+The one way to start a VM is :func:`start_vm`: ``nsmount exec`` of a spec (or of a
+domain XML) with a stand-in command (``sleep 1000``, optionally after a shell script,
+optionally as an unprivileged QEMU in its own user namespace) or a real QEMU with QMP
+(``qemu=...``, then :func:`qmp`); ``library=True`` launches through ``nsmount.launch``
+instead (no CLI start-up: hundreds of VMs in seconds).
 """
 
 from __future__ import annotations
@@ -15,13 +18,18 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import stat
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, overload
+
+if TYPE_CHECKING:
+    from nsmount.faces.launcher import Launched
+    from qmp import QMP
 
 PY = sys.executable
 STATE_DIR = os.environ.get("NSMOUNT_STATE_DIR", "/run/nsmount")
@@ -29,11 +37,20 @@ STATE_DIR = os.environ.get("NSMOUNT_STATE_DIR", "/run/nsmount")
 #: a QEMU that starts fast and stays stopped (-S); QMP on a unix socket
 QEMU_BASE_ARGV = ("qemu-system-x86_64", "-machine", "q35,accel=kvm:tcg", "-m", "64",
                   "-nodefaults", "-display", "none", "-S")
+QMP_SOCK = "/tmp/qmp.sock"
+
+QEMU_UID = 107
+#: an unprivileged QEMU: drop to uid 107, then its own user + mount namespace
+UNPRIV = ("setpriv", f"--reuid={QEMU_UID}", f"--regid={QEMU_UID}", "--clear-groups",
+          "unshare", "-Urm")
 
 
 # ------------------------------------------------------------------------- generic
-def sh(cmd: str | Sequence[str], check: bool = True, **kw: Any) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run(cmd, shell=isinstance(cmd, str), capture_output=True, text=True, **kw)
+def sh(cmd: str | Sequence[str], check: bool = True, timeout: float | None = 120,
+       **kw: Any) -> subprocess.CompletedProcess[str]:
+    """Run a command (a string goes through the shell); raise with its output on failure."""
+    r = subprocess.run(cmd, shell=isinstance(cmd, str), capture_output=True, text=True,
+                       timeout=timeout, **kw)
     if check and r.returncode != 0:
         raise AssertionError(f"{cmd!r} failed {r.returncode}: {r.stdout} {r.stderr}")
     return r
@@ -48,10 +65,14 @@ def wait_for(pred: Callable[[], object], what: str, timeout: float = 20) -> None
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def read_text(path: str) -> str:
+    with open(path) as fh:
+        return fh.read()
+
+
 def comm(pid: int) -> str | None:
     try:
-        with open(f"/proc/{pid}/comm") as fh:
-            return fh.read().strip()
+        return read_text(f"/proc/{pid}/comm").strip()
     except (FileNotFoundError, ProcessLookupError):
         return None
 
@@ -59,6 +80,11 @@ def comm(pid: int) -> str | None:
 def mntns(pid: int | str = "self") -> tuple[int, int]:
     st = os.stat(f"/proc/{pid}/ns/mnt")
     return (st.st_dev, st.st_ino)
+
+
+def emit(**obs: Any) -> None:
+    """Print the scenario's one JSON line (the pytest side reads the last one)."""
+    print(json.dumps(obs, default=str))
 
 
 # ------------------------------------------------------------------------- specs
@@ -99,13 +125,31 @@ def write_domain_xml(path: str, *args: Any, **kw: Any) -> str:
 
 
 # ------------------------------------------------------------------------- nsmount CLI
+def nsm_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    e = dict(os.environ)
+    e.update(env or {})
+    return e
+
+
 def nsm(*args: object, env: Mapping[str, str] | None = None, timeout: float = 60,
         prefix: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
     """Run ``[prefix...] python3 -m nsmount ARGS`` and capture its output."""
-    e = dict(os.environ)
-    e.update(env or {})
     return subprocess.run([*prefix, PY, "-m", "nsmount", *map(str, args)], capture_output=True,
-                          text=True, env=e, timeout=timeout)
+                          text=True, env=nsm_env(env), timeout=timeout)
+
+
+def nsm_json(*args: object, rc: int | None = None, **kw: Any) -> tuple[int, Any, str]:
+    """``nsmount ARGS --json``: (exit code, the document, stderr); with ``rc`` the exit
+    code is asserted.  No JSON on stdout is an AssertionError showing the output."""
+    r = nsm(*args, "--json", **kw)
+    if rc is not None:
+        assert r.returncode == rc, f"{args}: rc {r.returncode} != {rc}\n{r.stdout}{r.stderr}"
+    try:
+        data = json.loads(r.stdout)
+    except ValueError:
+        raise AssertionError(f"no JSON from nsmount {args}: rc={r.returncode}\n"
+                             f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}") from None
+    return r.returncode, data, r.stderr
 
 
 def one_line_error(r: subprocess.CompletedProcess[str], code: int, *words: str) -> str:
@@ -119,52 +163,145 @@ def one_line_error(r: subprocess.CompletedProcess[str], code: int, *words: str) 
     return err
 
 
-def start_exec(argv: Sequence[str] = ("sleep", "1000"), *, spec: str | None = None,
-               domain_xml: str | None = None, extra: Sequence[str] = (),
-               timeout: float = 30, **popen: Any) -> subprocess.Popen[str]:
-    """``nsmount exec [--spec F | --domain-xml F] -- ARGV`` in the background.
-
-    Returns the Popen once the launch record exists and ARGV has been exec'd (the
-    process's comm is ARGV[0]'s); raises AssertionError if nsmount exits first.
-    """
-    cmd = [PY, "-m", "nsmount", "exec", *extra]
-    if spec:
-        cmd += ["--spec", spec]
-    if domain_xml:
-        cmd += ["--domain-xml", domain_xml]
-    popen.setdefault("stdout", subprocess.DEVNULL)
-    popen.setdefault("stderr", subprocess.PIPE)
-    p = subprocess.Popen([*cmd, "--", *argv], text=True, **popen)
-    want = os.path.basename(argv[0])[:15]
-
-    def up() -> bool:
-        if p.poll() is not None:
-            err = p.stderr.read() if p.stderr else ""
-            raise AssertionError(f"nsmount exec failed {p.returncode}: {err}")
-        return os.path.exists(record_path(p.pid)) and comm(p.pid) == want
-
-    wait_for(up, f"VM {argv[0]}", timeout)
-    return p
+def kinds(doc: Mapping[str, Any]) -> set[tuple[str, str]]:
+    """(kind, path) of every drift of an inspect/repair document."""
+    return {(d["kind"], d["path"]) for d in doc["drift"]}
 
 
-def stop(p: subprocess.Popen[Any]) -> None:
-    if p.poll() is None:
-        p.kill()
-    p.wait()
-
-
+# ------------------------------------------------------------------------- start a VM
 def record_path(pid: int, state_dir: str | None = None) -> str:
     return os.path.join(state_dir or STATE_DIR, "vms", f"{pid}.json")
 
 
-def qemu_argv(*extra: str, qmp: str | None = "/tmp/qmp.sock") -> list[str]:
+def qemu_argv(*extra: str, qmp: str | None = QMP_SOCK) -> list[str]:
     argv = list(QEMU_BASE_ARGV)
     if qmp:
         argv += ["-qmp", f"unix:{qmp},server=on,wait=off"]
     return argv + list(extra)
 
 
-# ------------------------------------------------------------------------- observe a VM
+@overload
+def start_vm(name: str = ..., domain_id: int = ..., *, library: Literal[False] = ...,
+             **kw: Any) -> subprocess.Popen[str]: ...
+
+
+@overload
+def start_vm(name: str = ..., domain_id: int = ..., *, library: Literal[True],
+             **kw: Any) -> Launched: ...
+
+
+def start_vm(name: str = "x", domain_id: int = 3, *, argv: Sequence[str] = ("sleep", "1000"),
+             devices: Sequence[str] = ("/dev/loop0",), hugepages: bool = False,
+             spec: str | None = None, domain_xml: str | None = None,
+             qemu: Sequence[str] | None = None, script: str = "", unpriv: bool = False,
+             prefix: Sequence[str] = (), library: bool = False, timeout: float = 30,
+             **spec_kw: Any) -> Any:
+    """Start one VM and return once its launch record exists and its command runs.
+
+    ``nsmount exec --spec F -- [PREFIX] [setpriv ... unshare -Urm] ARGV`` where F is
+    written from ``name``, ``domain_id``, ``devices``, ``hugepages`` and ``spec_kw``
+    (``uid=107``, ``mounts=[...]``, ...), unless ``spec`` (a spec file) or ``domain_xml``
+    (a domain XML file) is given.  ``script``: ARGV is ``sh -c 'set -e; SCRIPT; exec
+    sleep 1000'`` (the pid stays the record's pid through every exec).  ``unpriv``: the
+    command runs as uid 107 in its own user + mount namespace.  ``qemu``: ARGV is a real
+    QEMU (:data:`QEMU_BASE_ARGV`, QMP on :data:`QMP_SOCK`, then these arguments).
+    Returns the ``Popen`` (its stderr is a pipe); ``library=True``: ``nsmount.launch``
+    of the same spec from this process, returns its ``Launched``.
+    """
+    if qemu is not None:
+        argv = qemu_argv(*qemu)
+        timeout = max(timeout, 60)
+    if script:
+        argv = ("sh", "-c", f"set -e; {script}\nexec sleep 1000")
+    want = "sleep" if script else os.path.basename(argv[0])[:15]  # comm once it runs
+    argv = [*prefix, *(UNPRIV if unpriv else ()), *argv]
+    if library:
+        import nsmount
+
+        vmspec = nsmount.VmSpec(name=name, domain_id=domain_id,
+                                hugepages=(0,) if hugepages else ()).with_devices(devices)
+        vm = nsmount.launch(vmspec, argv)
+        wait_for(lambda: comm(vm.pid) == want, f"VM {name} to exec {argv[0]}", timeout)
+        return vm
+    cmd = [PY, "-m", "nsmount", "exec"]
+    if domain_xml:
+        cmd += ["--domain-xml", domain_xml]
+    else:
+        cmd += ["--spec", spec or write_spec(
+            f"/run/spec-{name}.toml", name=name, id=domain_id, devices=list(devices),
+            hugepages=hugepages, **spec_kw)]
+    p = subprocess.Popen([*cmd, "--", *argv], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+
+    def up() -> bool:
+        if p.poll() is not None:
+            err = p.stderr.read() if p.stderr else ""
+            raise AssertionError(f"VM {name}: nsmount exec exited {p.returncode}: {err}")
+        return os.path.exists(record_path(p.pid)) and comm(p.pid) == want
+
+    wait_for(up, f"VM {name} ({argv[0]})", timeout)
+    return p
+
+
+def stop(vm: subprocess.Popen[Any] | Launched) -> None:
+    """Kill a VM started by :func:`start_vm` (or any Popen) and reap it."""
+    if isinstance(vm, subprocess.Popen):
+        if vm.poll() is None:
+            vm.kill()
+        vm.wait()
+        return
+    try:
+        os.kill(vm.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    vm.wait()
+
+
+def qmp(vm: subprocess.Popen[str], path: str = QMP_SOCK, timeout: float = 20) -> QMP:
+    """Connect to a QEMU VM's QMP socket; on failure the VM is stopped and QEMU's own
+    message is in the AssertionError."""
+    from qmp import QMP
+
+    try:
+        return QMP.connect(path, timeout=timeout)
+    except Exception as exc:
+        stop(vm)
+        said = vm.stderr.read() if vm.stderr else ""
+        raise AssertionError(f"QMP: {exc!r}; QEMU said: {said}") from None
+
+
+# ------------------------------------------------------------------------- inside a VM
+def invm(pid: int, script: str, check: bool = True,
+         timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """Run a shell script as root inside ``pid``'s mount namespace (the attacker)."""
+    r = subprocess.run(["nsenter", "-t", str(pid), "-m", "sh", "-c", script],
+                       capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"in-VM script failed {r.returncode}: {script!r}: {r.stderr}")
+    return r
+
+
+def vm_stat(pid: int, path: str) -> str:
+    """``stat`` of a path as the VM sees it: '%F %a %u:%g %t:%T' or '' if absent."""
+    r = invm(pid, f"stat -c '%F %a %u:%g %t:%T' {path}", check=False)
+    return r.stdout.strip() if r.returncode == 0 else ""
+
+
+def vm_lstat(pid: int, path: str) -> os.stat_result | None:
+    """lstat of a path in the VM, through /proc/PID/root (None if absent)."""
+    try:
+        return os.lstat(f"/proc/{pid}/root{path}")
+    except FileNotFoundError:
+        return None
+
+
+def mount_hugetlbfs(path: str, pagesize: str | None = None) -> None:
+    os.makedirs(path, exist_ok=True)
+    opts = "nosuid,nodev" + (f",pagesize={pagesize}" if pagesize else "")
+    sh(["mount", "-t", "hugetlbfs", "-o", opts, "hugetlbfs", path])
+
+
+# ------------------------------------------------------------------------- mount tables
 @dataclass(frozen=True)
 class MountLine:
     mount_id: int
@@ -186,20 +323,28 @@ class MountLine:
         return any(f.startswith("shared:") for f in self.optional)
 
 
-def _unescape(s: str) -> str:
+def unescape(s: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
+
+
+def mountinfo_lines(pid: int | str = "self") -> list[str]:
+    return read_text(f"/proc/{pid}/mountinfo").splitlines()
 
 
 def mountinfo(pid: int | str = "self") -> list[MountLine]:
     out = []
-    with open(f"/proc/{pid}/mountinfo") as fh:
-        for line in fh:
-            left, right = line.rstrip("\n").split(" - ", 1)
-            f = left.split(" ")
-            r = right.split(" ")
-            out.append(MountLine(int(f[0]), int(f[1]), f[2], _unescape(f[3]), _unescape(f[4]),
-                                 f[5], tuple(f[6:]), r[0], r[1] if len(r) > 1 else ""))
+    for line in mountinfo_lines(pid):
+        left, right = line.split(" - ", 1)
+        f = left.split(" ")
+        r = right.split(" ")
+        out.append(MountLine(int(f[0]), int(f[1]), f[2], unescape(f[3]), unescape(f[4]),
+                             f[5], tuple(f[6:]), r[0], r[1] if len(r) > 1 else ""))
     return out
+
+
+def mountpoints(pid: int | str = "self") -> list[str]:
+    """Every mount point listed (stacked ones and ones on hidden copies included)."""
+    return [m.mountpoint for m in mountinfo(pid)]
 
 
 def top_mounts(pid: int | str = "self") -> dict[str, MountLine]:
@@ -207,6 +352,7 @@ def top_mounts(pid: int | str = "self") -> dict[str, MountLine]:
     return {m.mountpoint: m for m in mountinfo(pid)}
 
 
+# ------------------------------------------------------------------------- /dev contents
 def dev_tree(root: str) -> dict[str, tuple[Any, ...]]:
     """``/dev``-relative path -> (kind, major, minor, mode, uid, gid, link target) for
     everything on ``root``'s own filesystem (submounts' mount points listed, not entered)."""
@@ -231,6 +377,7 @@ def device_nodes(root: str) -> dict[str, tuple[Any, ...]]:
     return {p: v for p, v in dev_tree(root).items() if v[0] in ("c", "b")}
 
 
+# ------------------------------------------------------------------------- memory
 def hugetlb_mappings(pid: int) -> dict[str, int]:
     """Mapped path -> KiB of hugetlb memory (Shared_Hugetlb + Private_Hugetlb) of ``pid``.
 
@@ -249,10 +396,3 @@ def hugetlb_mappings(pid: int) -> dict[str, int]:
                 out[cur] = out.get(cur, 0) + int(fields[1])
     return {k: v for k, v in out.items() if v}
 
-
-def meminfo(key: str) -> int:
-    with open("/proc/meminfo") as fh:
-        for line in fh:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)

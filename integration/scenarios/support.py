@@ -1,8 +1,7 @@
-"""Helpers for hostile scenarios that run inside a sandbox (see scenarios/__init__.py).
-
-Only what integration/vmhelpers.py does not already offer: a fake /etc, snapshots of
-what must never change, unprivileged stand-in VMs that unshare their own user + mount
-namespace, nsmount runs that never hang the test and keep raw bytes.
+"""What hostile scenarios need beyond integration/vmhelpers.py (starting VMs, running
+nsmount, looking into a VM): a fake /etc, snapshots of what must never change and the
+:class:`Guard` that compares them, processes nsmount did not launch, nsmount runs that
+never hang the test and keep raw bytes.  Runs inside a sandbox (see scenarios/__init__.py).
 """
 
 from __future__ import annotations
@@ -13,20 +12,25 @@ import json
 import os
 import stat
 import subprocess
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from vmhelpers import PY, comm, record_path, sh, wait_for, write_spec
+from vmhelpers import (
+    PY,
+    comm,
+    emit,
+    mountinfo,
+    mountinfo_lines,
+    nsm_env,
+    read_text,
+    sh,
+    unescape,
+    wait_for,
+)
 
 FAKE_ETC = "/run/fake-etc"
 SHADOW = "root:$6$FAKE$sandbox-only:19000:0:99999:7:::\n"
-QEMU_UID = 107
-#: an unprivileged QEMU: drop to uid 107, then its own user + mount namespace
-UNPRIV = ("setpriv", f"--reuid={QEMU_UID}", f"--regid={QEMU_UID}", "--clear-groups",
-          "unshare", "-Urm")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
@@ -34,16 +38,6 @@ _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctype
 
 
 # ----------------------------------------------------------------- host-side guards
-def read_text(path: str) -> str:
-    with open(path) as fh:
-        return fh.read()
-
-
-def mountinfo_lines(pid: int | str = "self") -> list[str]:
-    return read_text(f"/proc/{pid}/mountinfo").splitlines()
-
-
-
 def setup_fake_etc() -> None:
     """A sandbox-local copy of /etc over /etc: a wrongly followed symlink to /etc/shadow
     could only damage the copy (and the guard would see it)."""
@@ -51,7 +45,11 @@ def setup_fake_etc() -> None:
     with open(FAKE_ETC + "/shadow", "w") as fh:
         fh.write(SHADOW)
     os.chmod(FAKE_ETC + "/shadow", 0o640)
+    os.chown(FAKE_ETC + "/shadow", 0, 42)
+    with open(FAKE_ETC + "/.nsmount-fake-etc", "w") as fh:
+        fh.write("sandbox\n")
     sh(["mount", "--bind", FAKE_ETC, "/etc"])
+    assert os.path.exists("/etc/.nsmount-fake-etc"), "fake /etc not in place"
     assert read_text("/etc/shadow") == SHADOW
 
 
@@ -101,11 +99,6 @@ def tree_snapshot(root: str) -> dict[str, Any]:
     return out
 
 
-def _mountinfo_lines() -> set[str]:
-    with open("/proc/self/mountinfo") as fh:
-        return set(fh.read().splitlines())
-
-
 class Guard:
     """Everything outside the VM's own /dev tmpfs that must stay as it was: the fake
     /etc, the sandbox host's /dev (hugetlbfs contents are not entered), extra watched
@@ -114,52 +107,41 @@ class Guard:
     def __init__(self, *watch: str) -> None:
         self.watch = ("/etc", "/dev", *watch)
         self.before = {w: tree_snapshot(w) for w in self.watch}
-        self.mounts = _mountinfo_lines()
+        self.mounts = set(mountinfo_lines())
 
     def problems(self, allowed_mounts: Sequence[str] = (),
                  allowed_paths: Sequence[str] = ()) -> list[str]:
+        """What changed.  ``allowed_mounts``: mount points mounted on purpose (the mount,
+        its mount point and the parent directories made for it are no problem);
+        ``allowed_paths``: paths that may change, with everything below them."""
+        paths = [a.rstrip("/") for a in (*allowed_mounts, *allowed_paths)]
         out = []
         for w in self.watch:
             now, before = tree_snapshot(w), self.before[w]
             for p in sorted(set(now) | set(before)):
-                if any(p == a or p.startswith(a.rstrip("/") + "/") for a in allowed_paths):
+                if any(p == a or p.startswith(a + "/") for a in paths):
                     continue
+                if p not in before and any(a.startswith(p + "/") for a in allowed_mounts):
+                    continue  # a parent directory made for an allowed mount point
                 if now.get(p) != before.get(p):
                     out.append(f"{p}: {before.get(p)} -> {now.get(p)}")
-        mi = _mountinfo_lines()
+        mi = set(mountinfo_lines())
         for line in sorted(self.mounts - mi):
             out.append(f"host mount gone: {line}")
         for line in sorted(mi - self.mounts):
-            if line.split(" ")[4] not in allowed_mounts:
+            if unescape(line.split(" ")[4]) not in allowed_mounts:
                 out.append(f"host mount added: {line}")
         return out
 
 
-# ----------------------------------------------------------------- VMs
-def start_vm(name: str, domain_id: int, *, devices: Sequence[str] = ("/dev/loop0",),
-             hugepages: bool = False, unpriv: bool = False, script: str = "",
-             prefix: Sequence[str] = (), **spec: Any) -> subprocess.Popen[str]:
-    """``nsmount exec --spec F -- [setpriv ... unshare -Urm] sh -c 'SCRIPT; exec sleep 1000'``.
-
-    The pid stays the launch record's pid through every exec.  Returns once the record
-    exists and the process is ``sleep`` (the script succeeded)."""
-    path = write_spec(f"/run/spec-{name}.toml", name=name, id=domain_id,
-                      devices=list(devices), hugepages=hugepages, **spec)
-    body = f"set -e; {script}\nexec sleep 1000" if script else "exec sleep 1000"
-    argv = [*prefix, *(UNPRIV if unpriv else ()), "sh", "-c", body]
-    p = subprocess.Popen([PY, "-m", "nsmount", "exec", "--spec", path, "--", *argv],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-    def up() -> bool:
-        if p.poll() is not None:
-            err = p.stderr.read() if p.stderr else ""
-            raise AssertionError(f"VM {name} exited {p.returncode}: {err}")
-        return os.path.exists(record_path(p.pid)) and comm(p.pid) == "sleep"
-
-    wait_for(up, f"VM {name}")
-    return p
+def host_byid_link() -> None:
+    """The sandbox host's /dev/disk/by-id/usb-X -> ../../loop1 (a by-id device)."""
+    os.makedirs("/dev/disk/by-id", exist_ok=True)
+    if not os.path.lexists("/dev/disk/by-id/usb-X"):
+        os.symlink("../../loop1", "/dev/disk/by-id/usb-X")
 
 
+# ----------------------------------------------------------------- other processes
 def start_plain(argv: Sequence[str], want_comm: str = "sleep") -> subprocess.Popen[bytes]:
     """A process nsmount did not launch (no record); returns once its comm is ``want_comm``."""
     p = subprocess.Popen(list(argv), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -173,36 +155,9 @@ def start_plain(argv: Sequence[str], want_comm: str = "sleep") -> subprocess.Pop
     return p
 
 
-def invm(pid: int, script: str, check: bool = True,
-         timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    """Run a shell script as root inside ``pid``'s mount namespace (the attacker)."""
-    r = subprocess.run(["nsenter", "-t", str(pid), "-m", "sh", "-c", script],
-                       capture_output=True, text=True, timeout=timeout)
-    if check and r.returncode != 0:
-        raise AssertionError(f"in-VM script failed {r.returncode}: {script!r}: {r.stderr}")
-    return r
-
-
-def vm_stat(pid: int, path: str) -> str:
-    """``stat`` of a path as the VM sees it: '%F %a %u:%g %t:%T' or '' if absent."""
-    r = invm(pid, f"stat -c '%F %a %u:%g %t:%T' {path}", check=False)
-    return r.stdout.strip() if r.returncode == 0 else ""
-
-
 def vm_mounts_at(pid: int, path: str) -> list[str]:
     """Optional fields (shared:/master:) of every mount at ``path`` in the VM."""
-    out = []
-    with open(f"/proc/{pid}/mountinfo") as fh:
-        for line in fh:
-            left = line.split(" - ")[0].split(" ")
-            if left[4] == path:
-                out.append(" ".join(left[6:]) or "private")
-    return out
-
-
-def mount_hugetlbfs(path: str) -> None:
-    os.makedirs(path, exist_ok=True)
-    sh(["mount", "-t", "hugetlbfs", "-o", "nosuid,nodev", "hugetlbfs", path])
+    return [" ".join(m.optional) or "private" for m in mountinfo(pid) if m.mountpoint == path]
 
 
 def mount_at_cwd(fstype: str) -> None:
@@ -219,13 +174,11 @@ def run(args: Sequence[object], *, timeout: float = 60, env: Mapping[str, str] |
     Returns rc (None when it had to be killed), out/err (UTF-8, undecodable bytes shown
     as \\xNN), raw_nonascii (stdout had bytes >= 0x80), raw_bad_utf8 (stdout is not valid
     UTF-8: a VM's undecodable name was printed as it is), seconds, hung, traceback."""
-    e = dict(os.environ)
-    e.update(env or {})
     t0 = time.monotonic()
     try:
         r = subprocess.run([*prefix, PY, "-m", "nsmount", *map(str, args)], input=stdin,
                            stdin=None if stdin is not None else subprocess.DEVNULL,
-                           capture_output=True, env=e, timeout=timeout)
+                           capture_output=True, env=nsm_env(env), timeout=timeout)
         rc, out, err = r.returncode, r.stdout, r.stderr
         # killed by a `timeout -s KILL` prefix (which kills its own process group too)
         hung = bool(prefix) and prefix[0] == "timeout" and rc in (-9, 124, 137)
@@ -252,10 +205,6 @@ def outcomes(res: dict[str, Any]) -> list[dict[str, Any]]:
     data = res.get("json") or {}
     return [{"pid": o.get("pid"), "name": o.get("name"), "status": o.get("status"),
              "error": o.get("error", "")} for o in data.get("vms", [])]
-
-
-def emit(**obs: Any) -> None:
-    print(json.dumps(obs, default=str))
 
 
 def setup_failed(pre: Mapping[str, bool], **obs: Any) -> bool:

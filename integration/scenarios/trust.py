@@ -20,26 +20,29 @@ import subprocess
 import time
 from typing import Any
 
-from .support import (
+from vmhelpers import (
     PY,
-    Guard,
     emit,
-    file_state,
     invm,
-    mount_at_cwd,
-    mountinfo_lines,
     mount_hugetlbfs,
-    outcomes,
+    mountinfo_lines,
     read_text,
+    sh,
+    start_vm,
+    vm_stat,
+)
+
+from .support import (
+    Guard,
+    file_state,
+    mount_at_cwd,
+    outcomes,
     run,
     setup_failed,
     setup_fake_etc,
-    sh,
     start_plain,
-    start_vm,
     tree_snapshot,
     vm_mounts_at,
-    vm_stat,
 )
 
 #: the VM's own python (the sandbox's venv interpreter may live where uid 107 cannot go)
