@@ -152,6 +152,7 @@ st = pstats.Stats(prof)
 s = io.StringIO()
 st.stream = s
 st.sort_stats("tottime").print_stats(15)
+st.sort_stats("cumulative").print_stats("nsmount", 40)
 summary = {}
 for o in outs:
     summary[o.status] = summary.get(o.status, 0) + 1

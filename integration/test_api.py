@@ -5,23 +5,14 @@ context manager with poll/send_signal/wait.  Scenario: integration/scenarios/api
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from sandbox import privileged, run_in_sandbox
+from harness import in_sandbox, privileged
+from scenarios.api import api_twice
 
 pytestmark = privileged
 
-BOOT = ("import os, sys\n"
-        "sys.path.insert(0, os.path.join(os.environ['PYTHONPATH'].split(':')[0], "
-        "'integration'))\n")
-
 
 def test_public_api_twice_typed_and_safe() -> None:
-    res = run_in_sandbox(f"{BOOT}from scenarios.api import api_twice\napi_twice()\n",
-                         timeout=170)
-    o = res.json()
+    o = in_sandbox(api_twice, timeout=170).json()
     for i in range(2):
         assert o["seen"][f"inspect{i}"] == ["Outcome", "would-repair" if i == 0 else "ok",
                                             True] or o["seen"][f"inspect{i}"][0] == "Outcome"

@@ -9,7 +9,7 @@ from typing import Any
 
 import nsmount
 
-from .support import emit, mount_hugetlbfs, start_vm
+from vmhelpers import emit, mount_hugetlbfs, start_vm
 
 
 def api_twice() -> None:

@@ -45,7 +45,7 @@ def open_path(base: int, rel: str, flags: int = os.O_PATH | os.O_NOFOLLOW,
     if not rel:
         return os.dup(base) if flags & os.O_PATH else syscalls.openat2(base, ".", flags,
                                                                         resolve)
-    if len(os.fsencode(rel)) <= _CHUNK:
+    if len(rel) * 4 <= _CHUNK or len(os.fsencode(rel)) <= _CHUNK:  # 4: UTF-8's widest
         return syscalls.openat2(base, rel, flags, resolve)
     comps = [c for c in rel.split("/") if c]
     cur = os.dup(base)

@@ -41,7 +41,10 @@ def _escape(text: str, specials: frozenset[str]) -> str:
 
 def escape_name(name: object) -> str:
     """One VM-supplied name, escaped so it cannot break a column or a line."""
-    return _escape(str(name), _ALWAYS)
+    text = str(name)
+    if text.isascii() and text.isprintable() and " " not in text and "\\" not in text:
+        return text  # the common case, without a per-character walk
+    return _escape(text, _ALWAYS)
 
 
 def safe_line(line: object) -> str:

@@ -28,7 +28,12 @@ def unescape(field_: str) -> str:
     re-decode must happen whether or not the field had an escape (a plain
     ``/mnt/é`` must not come back as mojibake).
     """
-    raw = _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), field_) if "\\" in field_ else field_
+    if "\\" not in field_:
+        if field_.isascii():
+            return field_  # nothing escaped, nothing to re-decode: the common case
+        raw = field_
+    else:
+        raw = _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), field_)
     try:
         return raw.encode("latin-1").decode("utf-8", "surrogateescape")
     except UnicodeEncodeError:

@@ -7,6 +7,7 @@ never cares where the wish came from; ``source`` says it for the report.
 
 from __future__ import annotations
 
+import functools
 import json
 import tomllib
 from collections.abc import Iterable
@@ -113,9 +114,7 @@ class VmSpec:
 
     def all_device_requests(self) -> tuple[DeviceRequest, ...]:
         """Defaults (optional) then the VM's own, de-duplicated by path."""
-        seen: dict[str, DeviceRequest] = {}
-        for p in self.default_devices:
-            seen.setdefault(canonical(p), DeviceRequest(p, required=False))
+        seen: dict[str, DeviceRequest] = dict(_default_requests(self.default_devices))
         for req in self.devices:
             old = seen.get(req.path)
             if old is None or (req.required and not old.required):
@@ -247,3 +246,12 @@ def _iterable(x: object) -> bool:
     except TypeError:
         return False
     return True
+
+
+@functools.lru_cache(maxsize=64)
+def _default_requests(paths: tuple[str, ...]) -> tuple[tuple[str, DeviceRequest], ...]:
+    """The default nodes as optional requests (the same few lists for every VM)."""
+    out: dict[str, DeviceRequest] = {}
+    for p in paths:
+        out.setdefault(canonical(p), DeviceRequest(p, required=False))
+    return tuple(out.items())

@@ -37,14 +37,16 @@ R = TypeVar("R")
 #: seconds one VM may take (lock wait included) before it is abandoned
 DEFAULT_TIMEOUT = 30.0
 
-_HEADER = struct.Struct("=I")
+#: a frame: kind, item index, payload length; "begin" frames carry no payload
+_HEADER = struct.Struct("=BII")
+_BEGIN, _DONE, _RAISED = 1, 2, 3
 #: how long a killed worker may take to go away before it is left to the kernel
 _REAP_SECONDS = 2.0
 
 
-def _send(fd: int, obj: object) -> None:
-    data = pickle.dumps(obj)
-    view = memoryview(_HEADER.pack(len(data)) + data)
+def _send(fd: int, kind: int, idx: int, obj: object = None) -> None:
+    data = b"" if kind == _BEGIN else pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    view = memoryview(_HEADER.pack(kind, idx, len(data)) + data)
     while view:
         view = view[os.write(fd, view):]
 
@@ -54,7 +56,7 @@ class _Worker(Generic[T]):
     pid: int
     pidfd: int
     rfd: int
-    items: list[tuple[int, T]]  # (index in the caller's list, item) still to do
+    items: dict[int, T]  # index in the caller's list -> item, still to do
     current: int | None = None  # index of the item being worked on
     started: float = 0.0
     buf: bytearray = field(default_factory=bytearray)
@@ -71,21 +73,22 @@ def _spawn(items: list[tuple[int, T]], fn: Callable[[T], R]) -> _Worker[T]:
             executor.WORKER_OF = parent  # crash injection takes the parent down too
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             for idx, item in items:
-                _send(w, ("begin", idx))
+                _send(w, _BEGIN, idx)
+                res: object
                 try:
-                    res: object = ("done", idx, fn(item))
+                    kind, res = _DONE, fn(item)
                 except BaseException as exc:  # the caller turns it into a failure
-                    res = ("raised", idx, exc)
+                    kind, res = _RAISED, exc
                 try:
-                    _send(w, res)
+                    _send(w, kind, idx, res)
                 except (pickle.PicklingError, TypeError, AttributeError) as exc:
-                    _send(w, ("raised", idx, RuntimeError(f"unpicklable result: {exc}")))
+                    _send(w, _RAISED, idx, RuntimeError(f"unpicklable result: {exc}"))
         except BaseException:
             code = 1
         finally:
             os._exit(code)
     os.close(w)
-    return _Worker(pid, os.pidfd_open(pid), r, list(items))
+    return _Worker(pid, os.pidfd_open(pid), r, dict(items))
 
 
 def _reap(wk: _Worker[T], *, kill: bool) -> None:
@@ -131,12 +134,9 @@ def run_all(items: Sequence[T], fn: Callable[[T], R], *, workers: int, timeout: 
         _reap(wk, kill=kill)
         rest = wk.items
         if wk.current is not None:
-            done_idx = wk.current
-            item = next(it for idx, it in rest if idx == done_idx)
-            rest = [(idx, it) for idx, it in rest if idx != done_idx]
-            on_lost(item, why)
+            on_lost(rest.pop(wk.current), why)
         if rest:
-            nw = _spawn(rest, fn)
+            nw = _spawn(list(rest.items()), fn)
             live[nw.rfd] = nw
 
     try:
@@ -167,23 +167,21 @@ def run_all(items: Sequence[T], fn: Callable[[T], R], *, workers: int, timeout: 
                         lost(wk, "its worker process died", kill=True)
                     continue
                 wk.buf += chunk
-                while len(wk.buf) >= _HEADER.size:
-                    (size,) = _HEADER.unpack_from(wk.buf)
-                    if len(wk.buf) < _HEADER.size + size:
+                pos = 0
+                while len(wk.buf) - pos >= _HEADER.size:
+                    kind, idx, size = _HEADER.unpack_from(wk.buf, pos)
+                    end = pos + _HEADER.size + size
+                    if len(wk.buf) < end:
                         break
-                    msg = pickle.loads(bytes(wk.buf[_HEADER.size:_HEADER.size + size]))
-                    del wk.buf[:_HEADER.size + size]
-                    if msg[0] == "begin":
-                        wk.current, wk.started = msg[1], time.monotonic()
-                        continue
-                    idx = msg[1]
-                    item = next(it for i, it in wk.items if i == idx)
-                    wk.items = [(i, it) for i, it in wk.items if i != idx]
-                    wk.current = None
-                    if msg[0] == "done":
-                        on_result(item, msg[2])
+                    if kind == _BEGIN:
+                        wk.current, wk.started = idx, time.monotonic()
                     else:
-                        on_error(item, msg[2])
+                        val = pickle.loads(wk.buf[pos + _HEADER.size:end])
+                        item = wk.items.pop(idx)
+                        wk.current = None
+                        (on_result if kind == _DONE else on_error)(item, val)
+                    pos = end
+                del wk.buf[:pos]
     finally:
         for wk in list(live.values()):
             _reap(wk, kill=True)

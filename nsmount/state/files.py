@@ -21,6 +21,7 @@ from ..errors import SpecError
 MAX_PIDFILE = 64
 MAX_RECORD = 1 << 20
 MAX_XML = 8 << 20
+_READ_CHUNK = 256 << 10
 
 
 class StateFileError(SpecError):
@@ -48,7 +49,8 @@ def read_state_file(path: str, *, limit: int, dir_fd: int | None = None) -> byte
         chunks: list[bytes] = []
         size = 0
         while size <= limit:
-            chunk = os.read(fd, limit + 1 - size)
+            # a bounded buffer: os.read(n) allocates n bytes up front, whatever comes
+            chunk = os.read(fd, min(limit + 1 - size, _READ_CHUNK))
             if not chunk:
                 break
             chunks.append(chunk)
