@@ -353,17 +353,20 @@ def cmd_exec(args: argparse.Namespace, out: P.Out) -> int:
     lp = launcher.prepare(spec)
     if args.dry_run:
         if args.json:
-            out.json({"spec": spec.to_dict(),
+            out.json({"spec": spec.to_dict(), "rootless": lp.rootless, "notes": lp.notes,
                       "skipped": [{"path": s.request.path, "reason": s.reason}
                                   for s in lp.skipped],
                       "actions": [a.to_dict() for a in lp.actions]})
         else:
             for s in lp.skipped:
                 out.line(f"skip {s.request.path}: {s.reason}")
-            P.plan(out, lp.actions, f"plan for {spec.name or 'vm'} "
+            for note in lp.notes:
+                out.line(f"note: {note}")
+            mode = " (rootless: user + mount namespace)" if lp.rootless else ""
+            P.plan(out, lp.actions, f"plan for {spec.name or 'vm'}{mode} "
                    f"(then exec {' '.join(argv) or '<command>'}):")
         return EX_OK
-    launcher.check_privileges()
+    launcher.check_privileges(lp)
     sys.stdout.flush()
     launcher.exec_in_namespace(spec, argv, state_dir=args.state_dir, lp=lp)
 
