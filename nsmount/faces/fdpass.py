@@ -174,12 +174,12 @@ class _Qmp:
         while b"\n" not in self.buf:
             left = self.deadline - time.monotonic()
             if left <= 0:
-                raise QmpError("QMP monitor did not answer in time")
+                raise QmpError(self._late())
             self.sock.settimeout(left)
             try:
                 chunk = self.sock.recv(65536)
             except TimeoutError:
-                raise QmpError("QMP monitor did not answer in time") from None
+                raise QmpError(self._late()) from None
             if not chunk:
                 raise QmpError("QMP monitor closed the connection")
             self.buf += chunk
@@ -193,6 +193,12 @@ class _Qmp:
         if not isinstance(msg, dict):
             raise QmpError("QMP monitor sent something that is not a JSON object")
         return msg
+
+    def _late(self) -> str:
+        if self.seq == 0:  # not even a greeting: QEMU serves one client per QMP socket
+            return ("QMP monitor did not greet in time (QEMU serves one client per QMP "
+                    "socket: is another client connected? give QEMU a second -qmp socket)")
+        return "QMP monitor did not answer in time"
 
     def greet(self) -> None:
         if "QMP" not in self._line():
