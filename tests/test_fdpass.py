@@ -38,28 +38,27 @@ def fake_qmp(path: str, answer: Callable[[dict[str, Any], list[int]], bytes | No
             conn.close()
 
     def serve(conn: socket.socket) -> None:
-        if True:  # (kept flat for the reader: one connection, line by line)
-            conn.sendall(greeting)
-            buf = b""
-            while True:
-                data, fds, _flags, _addr = socket.recv_fds(conn, 65536, 4)
-                if not data:
+        conn.sendall(greeting)
+        buf = b""
+        while True:
+            data, fds, _flags, _addr = socket.recv_fds(conn, 65536, 4)
+            if not data:
+                return
+            buf += data
+            while b"\n" in buf:
+                line, _, buf = buf.partition(b"\n")
+                cmd = json.loads(line)
+                info = []
+                for fd in fds:
+                    st = os.fstat(fd)
+                    info.append((st.st_dev, st.st_ino, os.get_blocking(fd)))
+                    os.close(fd)
+                seen.append((cmd, info))
+                fds = []
+                reply = answer(cmd, info)
+                if reply is None:
                     return
-                buf += data
-                while b"\n" in buf:
-                    line, _, buf = buf.partition(b"\n")
-                    cmd = json.loads(line)
-                    info = []
-                    for fd in fds:
-                        st = os.fstat(fd)
-                        info.append((st.st_dev, st.st_ino, os.get_blocking(fd)))
-                        os.close(fd)
-                    seen.append((cmd, info))
-                    fds = []
-                    reply = answer(cmd, info)
-                    if reply is None:
-                        return
-                    conn.sendall(reply)
+                conn.sendall(reply)
 
     t = threading.Thread(target=run, daemon=True)
     t.start()
