@@ -278,7 +278,8 @@ BAD_INPUT = {
                    ["--spec", "/tmp/vm.toml", "--", "no-such-command-xyz"], 7,
                    ["no-such-command-xyz"]),
     "not-root": ("write_spec('/tmp/vm.toml', name='b', devices=['/dev/loop0'])",
-                 ["--spec", "/tmp/vm.toml", "--", "sleep", "1"], 6, ["root", "CAP_SYS_ADMIN"]),
+                 ["--spec", "/tmp/vm.toml", "--", "sleep", "1"], 6,
+                 ["/dev/loop0", "no read-write access"]),  # rootless: not the user's node
 }
 
 
@@ -307,9 +308,15 @@ def test_dry_run_json() -> None:
     prefixes = [[]] if nobody_cannot_run_nsmount() else [[], AS_NOBODY]
     res = sandbox('''
         write_domain_xml("/tmp/vm.xml", "dry", 5, disks=["/dev/loop0"], hugepages=True)
+        os.chmod("/dev/loop0", 0o666)  # nobody plans rootless: only nodes it may open
         before = (open("/proc/self/mountinfo").read(), dev_tree("/dev"),
                   sorted(os.listdir("/run")))
         hp_before = sorted(os.listdir("/dev/hugepages"))
+
+        def after_unchanged(before):
+            return before == (open("/proc/self/mountinfo").read(), dev_tree("/dev"),
+                              sorted(os.listdir("/run")))
+
         for prefix in PREFIXES:
             r = nsm("exec", "--dry-run", "--json", "--domain-xml", "/tmp/vm.xml", "--",
                     "sleep", "1000", prefix=prefix)
@@ -319,6 +326,11 @@ def test_dry_run_json() -> None:
             acts = doc["actions"]
             kinds = [a["action"] for a in acts]
             assert kinds[0] == "create-dev-tmpfs", kinds
+            if prefix:  # not root: the rootless plan (integration/test_rootless.py)
+                assert doc["rootless"] and kinds[-1] == "seal-namespace", kinds
+                assert "make-node" not in kinds and "stack-dev" in kinds, kinds
+                assert after_unchanged(before), prefix
+                continue
             assert kinds.index("switch-dev") > max(i for i, k in enumerate(kinds)
                                                   if k in ("make-node", "preserve-mount"))
             nodes = {a["entry"]["path"]: a["entry"] for a in acts if a["action"] == "make-node"}

@@ -316,3 +316,22 @@ def test_rootless_crash_and_relaunch() -> None:
     assert set(out["runs"]) == set(out["planned"]), out
     bad = {k: v for k, v in out["runs"].items() if v}
     assert not bad, json.dumps(bad, indent=1)
+
+
+def test_rootless_library_launch() -> None:
+    """``nsmount.launch()`` by the unprivileged user from its own Python code."""
+    out = sandbox(r'''
+        code = (
+            "import json, os, nsmount\n"
+            "vm = nsmount.launch(nsmount.VmSpec(name='lib', domain_id=6), "
+            "['sh', '-c', 'test -L /dev/ptmx && test -c /dev/null && ls /dev/pts'])\n"
+            "rc = vm.wait(); vm.close()\n"
+            "print(json.dumps({'rc': rc, 'rootless': vm.plan.rootless, 'pid': vm.pid}))\n")
+        r = subprocess.run([*AS_USER, SYS_PY, "-c", code], capture_output=True, text=True,
+                           env=ENV, cwd="/tmp", timeout=60)
+        assert r.returncode == 0, r
+        doc = json.loads(r.stdout.strip().splitlines()[-1])
+        doc["record"] = os.path.exists(f"{STATE}/vms/{doc['pid']}.json")
+        emit(**doc)
+    ''')
+    assert out == {"rc": 0, "rootless": True, "pid": out["pid"], "record": True}, out
