@@ -16,6 +16,11 @@ round-robin (one run of each method per iteration, so drift hits all alike):
             ``os._exit(0)``; timed *inside* the child with perf_counter (prepare,
             build, and both), reported through a pipe.  Also the parent's wall time
             fork -> child reaped.
+  rootless  the same in-process prepare + build by an unprivileged user (the forked
+            child drops to uid/gid 65534 first): a user + mount namespace, host nodes
+            bound onto empty files, new devpts, sealed (issue 12).  loop0..2 are made
+            0666 in the sandbox so the user gets them; the hugetlbfs is not the user's,
+            so no per-domain dir.
   launch    ``launcher.launch(spec, ["/bin/true"])`` from the parent: wall time until
             it returns (the child has exec'd).
   cli       ``python3 -m nsmount exec --spec F -- /bin/true``: subprocess start -> exit.
@@ -145,12 +150,46 @@ def _inproc_child(w: int, spec: Any, prof_path: str | None) -> None:
         os._exit(code)
 
 
-def run_inproc(spec: Any, prof_path: str | None = None) -> tuple[list[float], float]:
+ROOTLESS_UID = 65534
+
+
+def _rootless_child(w: int, spec: Any) -> None:
+    from nsmount.faces import launcher
+
+    code = 0
+    try:
+        os.setgroups([])
+        os.setresgid(ROOTLESS_UID, ROOTLESS_UID, ROOTLESS_UID)
+        os.setresuid(ROOTLESS_UID, ROOTLESS_UID, ROOTLESS_UID)
+        # dropping uid 0 in-process clears "dumpable" (/proc/self/* turn root's, so the
+        # uid_map could not be written); a user's own process (exec'd) has it set
+        import ctypes
+
+        ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE
+        t0 = time.perf_counter()
+        lp = launcher.prepare(spec, rootless=True)
+        t1 = time.perf_counter()
+        launcher.build(lp)
+        t2 = time.perf_counter()
+        if not os.path.exists("/dev/loop2") or not os.path.islink("/dev/ptmx"):
+            raise RuntimeError(f"rootless /dev incomplete: {sorted(os.listdir('/dev'))}")
+        os.write(w, json.dumps([t1 - t0, t2 - t1, t2 - t0]).encode())
+    except BaseException as exc:
+        os.write(w, json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode())
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def run_inproc(spec: Any, prof_path: str | None = None,
+               rootless: bool = False) -> tuple[list[float], float]:
     r, w = os.pipe()
     t0 = time.perf_counter()
     pid = os.fork()
     if pid == 0:
         os.close(r)
+        if rootless:
+            _rootless_child(w, spec)
         _inproc_child(w, spec, prof_path)
     os.close(w)
     data = b""
@@ -233,8 +272,12 @@ def sandbox_main(cfg: dict[str, Any]) -> None:
         os.makedirs(mp, exist_ok=True)
         subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", mp], check=True)
     Path(SPEC_FILE).write_text(SPEC_TOML)
+    for n in range(3):  # the rootless row's user may use the VM's disks
+        os.chmod(f"/dev/loop{n}", 0o666)
     spec = VmSpec.from_text(SPEC_TOML)
     lp = launcher.prepare(spec)          # plan only (host side), for the baseline script
+    launcher.prepare(spec, rootless=True)  # imports the rootless modules, as above for root
+    import nsmount.kernel.userns  # noqa: F401  (imported at build time otherwise)
     unshare_prefix = ["unshare", "-m", "--propagation", "slave", "sh", "-c"]
     cli_prefix = [py, "-m", "nsmount", "exec", "--spec", SPEC_FILE, "--"]
     baseline_script = _baseline_script(lp, "exec /bin/true")
@@ -243,11 +286,13 @@ def sandbox_main(cfg: dict[str, Any]) -> None:
 
     samples: dict[str, list[float]] = {k: [] for k in (
         "inproc_prepare", "inproc_build", "inproc_total", "inproc_wall",
+        "rootless_prepare", "rootless_build", "rootless_total",
         "launch", "cli", "pyfloor", "baseline")}
 
     def one_round(keep: bool) -> None:
         (p, b, tot), wall = run_inproc(spec)
         _rm_hugepage_dirs(lp)
+        (rp, rb, rt), _ = run_inproc(spec, rootless=True)
         la = run_launch(spec)
         _rm_hugepage_dirs(lp)
         cl = run_cmd([*cli_prefix, "/bin/true"])
@@ -257,7 +302,9 @@ def sandbox_main(cfg: dict[str, Any]) -> None:
         _rm_hugepage_dirs(lp)
         if keep:
             for k, v in (("inproc_prepare", p), ("inproc_build", b), ("inproc_total", tot),
-                         ("inproc_wall", wall), ("launch", la), ("cli", cl),
+                         ("inproc_wall", wall), ("rootless_prepare", rp),
+                         ("rootless_build", rb), ("rootless_total", rt),
+                         ("launch", la), ("cli", cl),
                          ("pyfloor", pf), ("baseline", bl)):
                 samples[k].append(v * 1000.0)
 
@@ -290,6 +337,9 @@ ROWS = [
     ("inproc_build", "in-process build()", None, False),
     ("inproc_total", "in-process prepare+build", TARGET_INPROC_MS, True),
     ("inproc_wall", "in-process fork->reaped (wall)", None, True),
+    ("rootless_prepare", "rootless prepare() (uid 65534)", None, False),
+    ("rootless_build", "rootless build() (uid 65534)", None, False),
+    ("rootless_total", "rootless prepare+build (uid 65534)", TARGET_INPROC_MS, True),
     ("launch", "launch() until exec'd", None, True),
     ("cli", "CLI exec start->exit", TARGET_CLI_MS, True),
     ("pyfloor", "python3 -c pass (floor)", None, False),
@@ -348,7 +398,8 @@ def host_main(argv: list[str] | None = None) -> int:
 
     write_result(args.json, "launch", {
         "n": args.n, "warmup": args.warmup, "extra_mounts": args.extra_mounts,
-        "targets_ms": {"inproc_total": TARGET_INPROC_MS, "cli": TARGET_CLI_MS},
+        "targets_ms": {"inproc_total": TARGET_INPROC_MS, "rootless_total": TARGET_INPROC_MS,
+                       "cli": TARGET_CLI_MS},
         "stats_ms": stats, "ratios_baseline_over": ratios,
         "samples_ms": data["samples"], "validation": v,
         "baseline_script": data["baseline_script"], "plan": data["plan"],

@@ -59,6 +59,10 @@ def test_every_step_is_reachable() -> None:
     planned: set[str] = set()
     for scenario in SCENARIOS:
         planned |= set(_run(scenario, only_plan=True)["planned"])
+    # the rootless launch's steps are crash-tested by integration/test_rootless.py
+    from test_rootless import rootless_planned_steps
+
+    planned |= rootless_planned_steps()
     missing = sorted(s.__name__ for s in STEPS if s.__name__ not in planned)
-    assert not missing, (f"steps no scenario (launch/repair/reconnect/rebuild/remove) "
-                         f"applies, so crash injection cannot cover them: {missing}")
+    assert not missing, (f"steps no scenario (launch/repair/reconnect/rebuild/remove, "
+                         f"rootless) applies, so crash injection cannot cover them: {missing}")

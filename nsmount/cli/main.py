@@ -215,6 +215,13 @@ def build_parser() -> Parser:
         target_opts(dp)
         dp.add_argument("paths", nargs="+", metavar="PATH", help="device path under /dev")
         dp.add_argument("--dry-run", action="store_true", help="show the plan (exit 1 if any)")
+        if name == "add":
+            dp.add_argument("--fd-to-qmp", metavar="QMP_SOCKET",
+                            help="instead of making nodes, open each device and give it to "
+                            "the VM's QEMU over this QMP socket (add-fd); prints the "
+                            "/dev/fdset/N path for blockdev-add")
+            dp.add_argument("--read-only", action="store_true",
+                            help="with --fd-to-qmp: open the devices read-only")
 
     sp = add("run-in", "run a command inside a VM's mount namespace", cmd_run_in)
     sp.add_argument("target", metavar="TARGET", help="PID, pid:N or a libvirt domain name")
@@ -368,17 +375,20 @@ def cmd_exec(args: argparse.Namespace, out: P.Out) -> int:
     lp = launcher.prepare(spec)
     if args.dry_run:
         if args.json:
-            out.json({"spec": spec.to_dict(),
+            out.json({"spec": spec.to_dict(), "rootless": lp.rootless, "notes": lp.notes,
                       "skipped": [{"path": s.request.path, "reason": s.reason}
                                   for s in lp.skipped],
                       "actions": [a.to_dict() for a in lp.actions]})
         else:
             for s in lp.skipped:
                 out.line(f"skip {s.request.path}: {s.reason}")
-            P.plan(out, lp.actions, f"plan for {spec.name or 'vm'} "
+            for note in lp.notes:
+                out.line(f"note: {note}")
+            mode = " (rootless: user + mount namespace)" if lp.rootless else ""
+            P.plan(out, lp.actions, f"plan for {spec.name or 'vm'}{mode} "
                    f"(then exec {' '.join(argv) or '<command>'}):")
         return EX_OK
-    launcher.check_privileges()
+    launcher.check_privileges(lp)
     sys.stdout.flush()
     launcher.exec_in_namespace(spec, argv, state_dir=args.state_dir, lp=lp)
 
@@ -418,12 +428,60 @@ def cmd_device(args: argparse.Namespace, out: P.Out) -> int:
     from ..faces import audit
     from ..faces.repair import device_add, device_remove
 
+    if getattr(args, "fd_to_qmp", None):
+        return _fd_to_qmp(args, out)
+    _forbid(args, "goes with --fd-to-qmp", "--read-only")
     fn = device_add if args.device_cmd == "add" else device_remove
     o = fn(args.target, args.paths, dry_run=args.dry_run, **_kw(args))
     audit.log_outcome(o)
     _summary(o)
     out.json(o.to_dict()) if args.json else P.outcome(out, o, verb=args.device_cmd)
     return outcome_exit(o)
+
+
+def _fd_to_qmp(args: argparse.Namespace, out: P.Out) -> int:
+    """``device add --fd-to-qmp SOCK TARGET PATH...``: open each device (verified under
+    /dev by the safe resolver) and hand it to TARGET's QEMU with QMP add-fd; one
+    ``/dev/fdset/N`` line per device on stdout (exit 0), nothing made in the VM."""
+    from ..faces import audit, fdpass
+    from ..state.sources import resolve_target
+    from ..state.target import starttime
+
+    _forbid(args, "does not apply with --fd-to-qmp (no namespace work is done)",
+            "--spec", "--domain-xml")
+    pid, name = resolve_target(args.target, lvdir=args.libvirt_state_dir)
+    start = starttime(pid)  # the target exists (NoSuchProcessError, exit 9, if not)
+    write = not args.read_only
+    if args.dry_run:
+        devs = [fdpass.resolve_device(p) for p in args.paths]
+        if args.json:
+            out.json({"pid": pid, "name": name, "qmp": args.fd_to_qmp, "dry_run": True,
+                      "fds": [{"path": p, "node": n.path, "kind": n.kind,
+                               "read_only": not write} for p, n in devs]})
+        else:
+            for p, n in devs:
+                out.line(f"would pass {p} ({n.path}, {n.kind} {n.major}:{n.minor}, "
+                         f"{'read-write' if write else 'read-only'}) to pid {pid} over "
+                         f"{args.fd_to_qmp}")
+        return EX_OK
+    rows: list[dict[str, Any]] = []
+    for p in args.paths:
+        if starttime(pid) != start:
+            from ..errors import NoSuchProcessError
+
+            raise NoSuchProcessError(f"pid {pid} was reused during the run")
+        dev, fs = fdpass.pass_device(args.fd_to_qmp, p, write=write, expect_pid=pid,
+                                     timeout=args.timeout)
+        audit.log_host("pass-fd", dev.node.path, before="-",
+                       after=f"{'rw' if write else 'ro'} fd given to {audit.vm_label(name, pid)} "
+                       f"as {fs.path}")
+        rows.append({**dev.to_dict(), **fs.to_dict()})
+    if args.json:
+        out.json({"pid": pid, "name": name, "qmp": args.fd_to_qmp, "fds": rows})
+    else:
+        for r in rows:
+            out.data(r["fdset"])
+    return EX_OK
 
 
 def cmd_missing_sub(args: argparse.Namespace, out: P.Out) -> int:  # pragma: no cover

@@ -172,6 +172,51 @@ class SwapDev(Action):
                 "atomically")
 
 
+# ------------------------------------------------- rootless launch (user namespace)
+@dataclass(frozen=True)
+class StackDev(Action):
+    """Rootless: attach the new /dev tmpfs on top of the old one, then put preserved
+    submounts back.  A user namespace cannot unmount the host's /dev (it is locked to
+    the mounts it came with), so it stays hidden beneath."""
+    preserved: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        extra = f", keep {' '.join(map(_e, self.preserved))}" if self.preserved else ""
+        return f"stack the new tmpfs on /dev{extra}"
+
+
+@dataclass(frozen=True)
+class MountDevpts(Action):
+    """Rootless: a new devpts instance (``newinstance,ptmxmode=0666,mode=620``)."""
+    path: str = "/dev/pts"
+
+    def describe(self) -> str:
+        return f"mount a new devpts instance at {_e(self.path)} (ptmxmode=0666)"
+
+
+@dataclass(frozen=True)
+class BindNode(Action):
+    """Rootless: mknod is refused in a user namespace, so an empty file is made on the
+    VM's /dev tmpfs and a clone of the host's node (taken with open_tree before /dev
+    was covered) is attached onto it with move_mount."""
+    entry: Entry
+
+    def describe(self) -> str:
+        e = self.entry
+        return f"bind host node {_e(e.path)} ({e.kind} {e.major}:{e.minor}) onto an empty file"
+
+
+@dataclass(frozen=True)
+class SealNamespace(Action):
+    """Rootless: enter one more user + mount namespace (same ids), so every mount built
+    so far is locked: the VM cannot unmount its /dev to reveal the host's."""
+    uid: int = 0
+    gid: int = 0
+
+    def describe(self) -> str:
+        return f"seal: nested user namespace ({self.uid}:{self.gid}), mounts locked"
+
+
 def kebab(name: str) -> str:
     """``MakeHugepageDir`` -> ``make-hugepage-dir``."""
     return "".join(("-" + ch.lower()) if ch.isupper() and i else ch.lower()
@@ -189,4 +234,5 @@ def _size(n: int) -> str:
 STEPS: tuple[type[Action], ...] = (
     CreateDevTmpfs, MakeDir, MakeNode, FixNode, MakeSymlink, RemoveEntry, PreserveMount,
     SwitchDev, ReplayMount, RelinkMount, MakeHugepageDir, SwapDev,
+    StackDev, MountDevpts, BindNode, SealNamespace,
 )

@@ -28,16 +28,20 @@ from dataclasses import dataclass, field
 
 from .actions import (
     Action,
+    BindNode,
     CreateDevTmpfs,
     FixNode,
     MakeDir,
     MakeHugepageDir,
     MakeNode,
     MakeSymlink,
+    MountDevpts,
     PreserveMount,
     RelinkMount,
     RemoveEntry,
     ReplayMount,
+    SealNamespace,
+    StackDev,
     SwapDev,
     SwitchDev,
 )
@@ -74,15 +78,17 @@ class HostPrep:
     handles: dict[str, int] = field(default_factory=dict)  # RelinkMount path -> host mount
     errors: dict[str, str] = field(default_factory=dict)
     fresh: dict[str, str] = field(default_factory=dict)  # path -> why no clone
+    nodes: dict[str, int] = field(default_factory=dict)  # BindNode path -> node clone
 
     def close(self) -> None:
-        for fd in list(self.clones.values()) + list(self.handles.values()):
+        for fd in [*self.clones.values(), *self.handles.values(), *self.nodes.values()]:
             try:
                 os.close(fd)
             except OSError:
                 pass
         self.clones.clear()
         self.handles.clear()
+        self.nodes.clear()
 
 
 class HostMountGone(OSError):
@@ -131,6 +137,8 @@ def _prepare(prep: HostPrep, actions: Iterable[Action], root: int) -> None:
                 prep.clones[a.path] = fd
             elif isinstance(a, RelinkMount) and a.path not in prep.handles:
                 prep.handles[a.path] = _host_tree(root, a.path, C.OPEN_TREE_CLOEXEC)
+            elif isinstance(a, BindNode) and a.entry.path not in prep.nodes:
+                prep.nodes[a.entry.path] = _node_clone(root, a)
         except HostMountGone as exc:
             prep.errors[getattr(a, "path", a.name)] = f"host side: {exc.strerror}"
         except OSError as exc:
@@ -141,6 +149,29 @@ def _prepare(prep: HostPrep, actions: Iterable[Action], root: int) -> None:
                 prep.fresh[path] = f"host mount cannot be cloned ({exc.strerror})"
             else:
                 prep.errors[path] = f"host side: {exc.strerror}"
+
+
+def _node_clone(root: int, a: BindNode) -> int:
+    """A detached clone of the host's device node (rootless launch: taken in the new
+    namespace before /dev is covered), looked up with the one safe resolver and
+    checked to be the node that was planned (type and rdev)."""
+    e = a.entry
+    fd = fsops.open_path(root, e.path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if stat.S_IFMT(st.st_mode) != e.type_bits or st.st_rdev != e.rdev:
+            raise OSError(errno.ESTALE, "the host node changed since it was planned",
+                          e.path)
+        clone = syscalls.open_tree(fd, "", C.OPEN_TREE_CLONE | C.OPEN_TREE_CLOEXEC
+                                   | C.AT_EMPTY_PATH)
+    finally:
+        os.close(fd)
+    try:  # a file mount has no submounts; private keeps it out of every peer group
+        syscalls.mount_setattr(clone, "", C.AT_EMPTY_PATH, propagation=C.MS_PRIVATE)
+    except OSError:
+        os.close(clone)
+        raise
+    return clone
 
 
 #: pid of the parent when this process is a forked reconnect worker
@@ -496,6 +527,74 @@ class Executor:
         self._dev_mnt = None
         self._attach_preserved(a.preserved)
         return note
+
+    # ------------------------------------------------- rootless launch (user namespace)
+    def _do_StackDev(self, a: StackDev) -> None:
+        if self.staging is None:
+            raise RefusedError("StackDev without a staged /dev tmpfs")
+        dev = fsops.open_dir(self.root, "dev")
+        try:
+            syscalls.move_mount(self.staging, "", dev, "", C.MOVE_MOUNT_F_EMPTY_PATH
+                                | C.MOVE_MOUNT_T_EMPTY_PATH)
+        finally:
+            os.close(dev)
+        # from now on every write under /dev must land on this tmpfs
+        self.dev_sb = os.fstat(self.staging).st_dev
+        os.close(self.staging)
+        self.staging = None
+        self._dev_mnt = None
+        self._attach_preserved(a.preserved)
+
+    def _on_dev(self, fd: int, path: str) -> None:
+        if self.dev_sb is None or os.fstat(fd).st_dev != self.dev_sb:
+            raise RefusedError(f"refusing {path}: not on the VM's own /dev tmpfs")
+
+    def _do_MountDevpts(self, a: MountDevpts) -> None:
+        mnt = syscalls.new_mount("devpts", {"newinstance": None, "ptmxmode": "0666",
+                                            "mode": "620"},
+                                 C.MOUNT_ATTR_NOSUID | C.MOUNT_ATTR_NOEXEC, source="devpts")
+        try:
+            mp = fsops.open_dir(self.root, a.path.lstrip("/"))
+            try:
+                self._on_dev(mp, a.path)
+                syscalls.move_mount(mnt, "", mp, "", C.MOVE_MOUNT_F_EMPTY_PATH
+                                    | C.MOVE_MOUNT_T_EMPTY_PATH)
+            finally:
+                os.close(mp)
+        finally:
+            os.close(mnt)
+
+    def _do_BindNode(self, a: BindNode) -> None:
+        path = a.entry.path
+        clone = self.prep.nodes.pop(path, None)
+        if clone is None:
+            raise RefusedError(self.prep.errors.get(path, f"no host node prepared for {path}"))
+        try:
+            pfd, name = self._parent(path)
+            try:
+                self._on_dev(pfd, path)
+                fd = os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, 0, dir_fd=pfd)
+                os.close(fd)
+                leaf = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+            finally:
+                os.close(pfd)
+            try:
+                st = os.fstat(leaf)
+                if not stat.S_ISREG(st.st_mode) or st.st_size or st.st_dev != self.dev_sb:
+                    raise RefusedError(f"refusing {path}: the mount point is not the empty "
+                                       "file just made on the VM's /dev tmpfs")
+                syscalls.move_mount(clone, "", leaf, "", C.MOVE_MOUNT_F_EMPTY_PATH
+                                    | C.MOVE_MOUNT_T_EMPTY_PATH)
+            finally:
+                os.close(leaf)
+        finally:
+            os.close(clone)
+
+    def _do_SealNamespace(self, a: SealNamespace) -> None:
+        from ..kernel import userns
+
+        userns.enter_own(a.uid, a.gid)
 
 
 def make_hugepage_dir(root: int, mount: str, path: str, uid: int, gid: int) -> None:

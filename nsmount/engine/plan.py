@@ -10,16 +10,20 @@ from dataclasses import replace
 
 from .actions import (
     Action,
+    BindNode,
     CreateDevTmpfs,
     FixNode,
     MakeDir,
     MakeHugepageDir,
     MakeNode,
     MakeSymlink,
+    MountDevpts,
     PreserveMount,
     RelinkMount,
     RemoveEntry,
     ReplayMount,
+    SealNamespace,
+    StackDev,
     SwapDev,
     SwitchDev,
 )
@@ -99,14 +103,64 @@ def _populate(entries: tuple[Entry, ...], submounts: tuple[str, ...]) -> list[Ac
 
 
 # ------------------------------------------------------------------ launch
-def plan_launch(desired: Desired, submounts: tuple[str, ...]) -> list[Action]:
-    """Actions that build a VM's /dev in a freshly unshared namespace."""
+def plan_launch(desired: Desired, submounts: tuple[str, ...], *,
+                rootless: bool = False) -> list[Action]:
+    """Actions that build a VM's /dev in a freshly unshared namespace (``rootless``: in
+    a user namespace of the caller's own, see :func:`plan_launch_rootless`)."""
+    if rootless:
+        return plan_launch_rootless(desired, submounts)
     acts: list[Action] = [CreateDevTmpfs()]
     acts += _populate(desired.entries, submounts)
     acts += [PreserveMount(s) for s in submounts]
     acts.append(SwitchDev(submounts))
     for mount, path in desired.hugepage_dirs:
         acts.append(MakeHugepageDir(mount, path, desired.uid, desired.gid))
+    return acts
+
+
+
+PTS = "/dev/pts"
+PTMX = "/dev/ptmx"
+
+
+def plan_launch_rootless(desired: Desired, submounts: tuple[str, ...]) -> list[Action]:
+    """The same /dev in a user namespace, where mknod is refused and the host's /dev
+    cannot be unmounted: directories owned by the caller, symlinks as usual, a new
+    devpts instance at /dev/pts with /dev/ptmx -> pts/ptmx, the tmpfs stacked on the old
+    /dev, each device node a bind of the host's node onto an empty file, then the
+    per-domain hugepage dirs, and last a nested user namespace that locks it all.
+    ``desired`` holds only nodes the caller may open (the face filters them)."""
+    uid, gid = desired.uid, desired.gid
+    keep = tuple(s for s in submounts if s != PTS)
+    skip = (*keep, PTS)
+    mine = tuple(e for e in desired.entries if not in_submount(e.path, skip)
+                 and is_strictly_within(e.path, DEV))
+    acts: list[Action] = [CreateDevTmpfs()]
+    dirs: dict[str, str] = {}
+    for d in parent_dirs(mine, skip=skip):
+        dirs.setdefault(d, "")
+    for s in (*keep, PTS):
+        dirs.setdefault(s, "mount point of a preserved submount" if s != PTS
+                        else "mount point of the new devpts instance")
+    for e in mine:
+        if e.kind == "dir":
+            dirs.setdefault(e.path, "")
+    acts += [MakeDir(d, 0o755, uid, gid, reason=why) for d, why in dirs.items()]
+    nodes: list[Entry] = []
+    for e in mine:
+        if e.path == PTMX:  # the new devpts instance's own ptmx (as bubblewrap does)
+            acts.append(MakeSymlink(PTMX, "pts/ptmx", reason="ptmx of the new devpts"))
+        elif e.kind == "lnk":
+            acts.append(MakeSymlink(e.path, e.target or ""))
+        elif e.is_device:
+            nodes.append(e)
+    acts += [PreserveMount(s) for s in keep]
+    acts.append(StackDev(keep))
+    acts.append(MountDevpts(PTS))
+    acts += [BindNode(e) for e in nodes]
+    for mount, path in desired.hugepage_dirs:
+        acts.append(MakeHugepageDir(mount, path, uid, gid))
+    acts.append(SealNamespace(uid, gid))
     return acts
 
 

@@ -4,6 +4,9 @@
     >>> vm = nsmount.launch(spec, ["qemu-system-x86_64", ...])   # fork + build + exec
     >>> vm.pid, vm.pidfd
 
+Not root: the same plan/apply core builds it in a user namespace of the caller's own
+(:mod:`nsmount.faces.rootless`).
+
 ``exec_in_namespace`` does the same in the calling process (the CLI's ``nsmount
 exec``), which must be single-threaded: ``unshare(CLONE_NEWNS)`` moves the whole
 process.  The namespace is built from a plan (``prepare``), so ``--dry-run`` shows
@@ -19,7 +22,7 @@ import pickle
 import shutil
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import NoReturn
 
 from ..engine.actions import Action
@@ -42,12 +45,28 @@ class LaunchPlan:
     actions: list[Action]
     skipped: list[Skipped]
     submounts: tuple[str, ...]
+    #: built in a user namespace of the caller's own (faces/rootless.py)
+    rootless: bool = False
+    notes: list[str] = field(default_factory=list)
 
 
-def prepare(spec: VmSpec, *, pid: int | None = None, host: HostState | None = None) -> LaunchPlan:
-    """Read the host and plan the namespace (no changes, no root needed to plan)."""
+def is_rootless(rootless: bool | None = None) -> bool:
+    """Rootless unless told otherwise when not root; root keeps the privileged build."""
+    return os.geteuid() != 0 if rootless is None else rootless
+
+
+def prepare(spec: VmSpec, *, pid: int | None = None, host: HostState | None = None,
+            rootless: bool | None = None) -> LaunchPlan:
+    """Read the host and plan the namespace (no changes, no root needed to plan).
+    ``rootless`` (default: not root) plans the user-namespace build."""
     host = host or HostState.read()
     pid = os.getpid() if pid is None else pid
+    if is_rootless(rootless):
+        from . import rootless as R
+
+        rp = R.plan(spec, pid=pid, host=host)
+        return LaunchPlan(spec, rp.desired, rp.actions, rp.skipped, rp.submounts,
+                          rootless=True, notes=rp.notes)
     desired, skipped = host.desired(spec, pid=pid)
     subs = tuple(h.path for h in host.submounts)
     return LaunchPlan(spec, desired, plan_launch(desired, subs), skipped, subs)
@@ -55,6 +74,11 @@ def prepare(spec: VmSpec, *, pid: int | None = None, host: HostState | None = No
 
 def build(lp: LaunchPlan) -> None:
     """unshare + slave + apply, in the calling (single-threaded) process."""
+    if lp.rootless:
+        from . import rootless as R
+
+        R.build(lp.actions)
+        return
     try:
         syscalls.unshare(C.CLONE_NEWNS)
         # host mount events keep arriving, nothing leaks back
@@ -78,8 +102,13 @@ def _record(lp: LaunchPlan, pid: int, state_dir: str | None) -> None:
 
     ns = os.stat("/proc/self/ns/mnt")
     dev = os.stat("/dev", follow_symlinks=False).st_dev
+    userns = None
+    if lp.rootless:
+        from ..kernel.userns import userns_id
+
+        userns = userns_id()
     record.write(record.Record(pid, starttime(pid), spec, lp.submounts,
-                               (ns.st_dev, ns.st_ino), dev), state_dir)
+                               (ns.st_dev, ns.st_ino), dev, userns), state_dir)
 
 
 def _which(argv: Sequence[str]) -> str:
@@ -178,7 +207,8 @@ class Launched:
 
 
 def launch(spec: VmSpec, argv: Sequence[str], *, state_dir: str | None = None,
-           pass_fds: Sequence[int] = (), host: HostState | None = None) -> Launched:
+           pass_fds: Sequence[int] = (), host: HostState | None = None,
+           rootless: bool | None = None) -> Launched:
     """Fork, build the namespace in the child and exec ``argv`` there.
 
     Errors in the child before exec (a missing device, EPERM, ...) are sent back
@@ -189,14 +219,15 @@ def launch(spec: VmSpec, argv: Sequence[str], *, state_dir: str | None = None,
     # read the host once: the child plans again (its pid names the hugepage dir) from
     # the same snapshot, which the fork hands it for free
     host = host or HostState.read()
-    lp = prepare(spec, pid=0, host=host)  # plan on the host: errors before forking
+    rootless = is_rootless(rootless)
+    lp = prepare(spec, pid=0, host=host, rootless=rootless)  # errors before forking
     r, w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:  # child
         code = 127
         try:
             os.close(r)
-            lp_child = prepare(spec, pid=os.getpid(), host=host)
+            lp_child = prepare(spec, pid=os.getpid(), host=host, rootless=rootless)
             build(lp_child)
             _record(lp_child, os.getpid(), state_dir)
             for fd in pass_fds:
@@ -233,6 +264,8 @@ def launch(spec: VmSpec, argv: Sequence[str], *, state_dir: str | None = None,
     return Launched(pid, pidfd, lp)
 
 
-def check_privileges() -> None:
+def check_privileges(lp: LaunchPlan | None = None) -> None:
+    if lp is not None and lp.rootless:
+        return  # the user namespace gives the process what it needs
     if os.geteuid() != 0:
         raise PrivilegeError("building a mount namespace needs root")

@@ -32,10 +32,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import cast
 
-import defusedxml.ElementTree as DET
-from defusedxml import DefusedXmlException
 
-from ..errors import SpecError
+from ..errors import NsmountError, SpecError
 from .paths import dev_path_of
 from .spec import DeviceRequest, VmSpec
 
@@ -158,6 +156,13 @@ def _parse(text: str) -> ET.Element:
     """Parse untrusted XML text with defusedxml; SpecError on any problem."""
     if not isinstance(text, str):
         raise SpecError(f"XML must be text, not {type(text).__name__}")
+    try:  # imported here: the rootless launcher runs on the standard library alone
+        import defusedxml.ElementTree as DET
+        from defusedxml import DefusedXmlException
+    except ImportError:
+        raise NsmountError("reading libvirt XML needs defusedxml, which this Python lacks",
+                           hint="install python3-defusedxml, use nsmount's virtualenv, or "
+                           "give a --spec file instead") from None
     try:
         return cast(ET.Element, DET.fromstring(text, forbid_dtd=True))
     except DefusedXmlException as exc:

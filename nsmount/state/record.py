@@ -26,7 +26,19 @@ DEFAULT_STATE_DIR = "/run/nsmount"
 
 
 def state_dir(override: str | None = None) -> str:
-    return override or os.environ.get("NSMOUNT_STATE_DIR") or DEFAULT_STATE_DIR
+    """``--state-dir``, else ``$NSMOUNT_STATE_DIR``, else /run/nsmount for root and the
+    user's runtime directory for anyone else (:func:`user_state_dir`)."""
+    return override or os.environ.get("NSMOUNT_STATE_DIR") or (
+        DEFAULT_STATE_DIR if os.geteuid() == 0 else user_state_dir())
+
+
+def user_state_dir(uid: int | None = None) -> str:
+    """A non-root user's state dir (rootless launches): ``$XDG_RUNTIME_DIR/nsmount``,
+    else ``/run/user/UID/nsmount``."""
+    xdg = os.environ.get("XDG_RUNTIME_DIR", "")
+    if xdg.startswith("/"):
+        return os.path.join(xdg, "nsmount")
+    return f"/run/user/{os.getuid() if uid is None else uid}/nsmount"
 
 
 @dataclass(frozen=True)
@@ -37,6 +49,8 @@ class Record:
     submounts: tuple[str, ...] = ()
     mntns: tuple[int, int] | None = None  # (st_dev, st_ino) of the namespace
     dev: int | None = None  # st_dev of the /dev tmpfs nsmount built
+    #: rootless launch: (st_dev, st_ino) of the user namespace that owns ``mntns``
+    userns: tuple[int, int] | None = None
 
     def to_json(self) -> str:
         d: dict[str, Any] = {"pid": self.pid, "starttime": self.starttime,
@@ -45,6 +59,8 @@ class Record:
             d["mntns"] = list(self.mntns)
         if self.dev is not None:
             d["dev"] = self.dev
+        if self.userns is not None:
+            d["userns"] = list(self.userns)
         return json.dumps(d, indent=1, sort_keys=True)
 
     @classmethod
@@ -53,11 +69,13 @@ class Record:
             d: Any = json.loads(text)
             ns = d.get("mntns")
             dev = d.get("dev")
+            uns = d.get("userns")
             return cls(pid=int(d["pid"]), starttime=int(d["starttime"]),
                        spec=VmSpec.from_dict(d["spec"], source="record"),
                        submounts=tuple(str(s) for s in d.get("submounts", ())),
                        mntns=(int(ns[0]), int(ns[1])) if ns is not None else None,
-                       dev=int(dev) if dev is not None else None)
+                       dev=int(dev) if dev is not None else None,
+                       userns=(int(uns[0]), int(uns[1])) if uns is not None else None)
         except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
             raise SpecError(f"corrupt launch record: {exc}") from None
 
