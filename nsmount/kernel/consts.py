@@ -14,7 +14,6 @@ SYS_fsopen = 430
 SYS_fsconfig = 431
 SYS_fsmount = 432
 SYS_fspick = 433
-SYS_pidfd_open = 434
 SYS_openat2 = 437
 SYS_mount_setattr = 442
 SYS_fchmodat2 = 452

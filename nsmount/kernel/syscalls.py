@@ -48,10 +48,6 @@ def setns(fd: int, nstype: int = 0) -> None:
     _check(_syscall(_LONG(C.SYS_setns), _INT(fd), _INT(nstype)), f"<fd {fd}>")
 
 
-def pidfd_open(pid: int) -> int:
-    return os.pidfd_open(pid)
-
-
 def mount(source: str | None, target: str, fstype: str | None, flags: int = 0,
           data: str | None = None) -> None:
     _check(_syscall(_LONG(C.SYS_mount), _fs(source), _fs(target), _fs(fstype),
