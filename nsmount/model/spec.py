@@ -69,6 +69,9 @@ class VmSpec:
         """Validate and normalise what a library caller passed: plain strings for
         devices (as TOML allows), lists for tuples, ``hugepages=True`` for the default
         size.  Bad input is a SpecError here, never an AttributeError later."""
+        if _well_formed(self):
+            return  # what every parser builds: nothing to normalise
+
         def put(name: str, value: object) -> None:
             object.__setattr__(self, name, value)
 
@@ -255,3 +258,25 @@ def _default_requests(paths: tuple[str, ...]) -> tuple[tuple[str, DeviceRequest]
     for p in paths:
         out.setdefault(canonical(p), DeviceRequest(p, required=False))
     return tuple(out.items())
+
+
+def _well_formed(spec: VmSpec) -> bool:
+    """The cheap check for a spec that needs no normalisation (the common case)."""
+    for name in ("default_devices", "memory_paths", "mounts", "refused"):
+        val = getattr(spec, name)
+        if type(val) is not tuple:
+            return False
+        for x in val:
+            if type(x) is not str:
+                return False
+    if type(spec.devices) is not tuple or type(spec.hugepages) is not tuple:
+        return False
+    for d in spec.devices:
+        if type(d) is not DeviceRequest:
+            return False
+    for h in spec.hugepages:
+        if type(h) is not int or h < 0:
+            return False
+    return (type(spec.uid) is int and spec.uid >= 0 and type(spec.gid) is int and spec.gid >= 0
+            and (spec.domain_id is None or (type(spec.domain_id) is int and spec.domain_id >= 0))
+            and (spec.name is None or type(spec.name) is str))

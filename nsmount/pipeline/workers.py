@@ -44,9 +44,13 @@ _BEGIN, _DONE, _RAISED = 1, 2, 3
 _REAP_SECONDS = 2.0
 
 
-def _send(fd: int, kind: int, idx: int, obj: object = None) -> None:
+def _frame(kind: int, idx: int, obj: object = None) -> bytes:
     data = b"" if kind == _BEGIN else pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    view = memoryview(_HEADER.pack(kind, idx, len(data)) + data)
+    return _HEADER.pack(kind, idx, len(data)) + data
+
+
+def _write(fd: int, data: bytes) -> None:
+    view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
 
@@ -72,17 +76,23 @@ def _spawn(items: list[tuple[int, T]], fn: Callable[[T], R]) -> _Worker[T]:
             os.close(r)
             executor.WORKER_OF = parent  # crash injection takes the parent down too
             signal.signal(signal.SIGINT, signal.SIG_DFL)
-            for idx, item in items:
-                _send(w, _BEGIN, idx)
+            # one write (one wake-up of the parent) per item: its result and the
+            # start of the next one travel together
+            pending = _frame(_BEGIN, items[0][0]) if items else b""
+            for n, (idx, item) in enumerate(items):
+                _write(w, pending)
                 res: object
                 try:
                     kind, res = _DONE, fn(item)
                 except BaseException as exc:  # the caller turns it into a failure
                     kind, res = _RAISED, exc
                 try:
-                    _send(w, kind, idx, res)
+                    pending = _frame(kind, idx, res)
                 except (pickle.PicklingError, TypeError, AttributeError) as exc:
-                    _send(w, _RAISED, idx, RuntimeError(f"unpicklable result: {exc}"))
+                    pending = _frame(_RAISED, idx, RuntimeError(f"unpicklable result: {exc}"))
+                if n + 1 < len(items):
+                    pending += _frame(_BEGIN, items[n + 1][0])
+            _write(w, pending)
         except BaseException:
             code = 1
         finally:
