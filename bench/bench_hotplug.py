@@ -121,10 +121,10 @@ def _profile(fn: Any, runs: int, reset: Any) -> dict[str, Any]:
     import io
     import pstats
 
-    R = importlib.import_module("nsmount.faces.repair")
-    orig = R.run_one
+    V = importlib.import_module("nsmount.pipeline.vm")
+    orig = V.run_one
     main, worker = cProfile.Profile(), cProfile.Profile()
-    R.run_one = lambda f, timeout: f()
+    V.run_one = lambda f, timeout: f()
     try:
         for _ in range(runs):
             main.enable()
@@ -132,7 +132,7 @@ def _profile(fn: Any, runs: int, reset: Any) -> dict[str, Any]:
             main.disable()
             reset()
     finally:
-        R.run_one = orig
+        V.run_one = orig
     out: dict[str, Any] = {"runs": runs}
     for key in ("tottime", "cumulative"):
         buf = io.StringIO()
