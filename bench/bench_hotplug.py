@@ -123,7 +123,7 @@ def _profile(fn: Any, runs: int, reset: Any) -> dict[str, Any]:
 
     V = importlib.import_module("nsmount.pipeline.vm")
     orig = V.run_one
-    main, worker = cProfile.Profile(), cProfile.Profile()
+    main = cProfile.Profile()
     V.run_one = lambda f, timeout: f()
     try:
         for _ in range(runs):
@@ -137,7 +137,6 @@ def _profile(fn: Any, runs: int, reset: Any) -> dict[str, Any]:
     for key in ("tottime", "cumulative"):
         buf = io.StringIO()
         st = pstats.Stats(main, stream=buf)
-        st.add(worker)
         st.sort_stats(key).print_stats(20)
         out[key] = buf.getvalue().strip() + "\n"
     return out
