@@ -18,7 +18,7 @@ from typing import Any
 from ..errors import NsmountError, SpecError
 from ..model.spec import VmSpec
 from ..pipeline.outcome import Outcome, Report
-from ..pipeline.vm import Job, run_many
+from ..pipeline.vm import GONE, Job, run_many
 from ..pipeline.workers import DEFAULT_TIMEOUT
 from ..state import record
 from ..state.locks import drop_lock
@@ -63,10 +63,12 @@ def _drop_stale(pid: int, started: int | None, sdir: str | None) -> None:
 
 
 def discover(*, sdir: str | None = None, lvdir: str | None = None,
-             scan: bool = True, dry_run: bool = False) -> list[Candidate]:
+             scan: bool = True, dry_run: bool = False,
+             check_alive: bool = True) -> list[Candidate]:
     """Every VM to reconnect.  Records of VMs that exited are dropped (kept with
     ``dry_run``) and never reported; a bad state file is that VM's failure, with the
-    reason, never the run's."""
+    reason, never the run's.  ``check_alive=False`` leaves the liveness of recorded
+    VMs to the pipeline (which pins them anyway, in parallel workers)."""
     found: dict[int, Candidate] = {}
     bad: list[Candidate] = []
     for pid, rec in record.scan(sdir):
@@ -77,7 +79,7 @@ def discover(*, sdir: str | None = None, lvdir: str | None = None,
                 continue
             bad.append(Candidate(pid, "record", error=rec.oneline()))
             continue
-        if not _running(pid, rec.starttime):
+        if check_alive and not _running(pid, rec.starttime):
             if not dry_run:
                 _drop_stale(pid, rec.starttime, sdir)
             continue
@@ -181,7 +183,8 @@ def reconnect(*, candidates: list[Candidate] | None = None, dry_run: bool = Fals
     """
     t0 = time.perf_counter()
     if candidates is None:
-        candidates = discover(sdir=sdir, lvdir=lvdir, scan=scan, dry_run=dry_run)
+        candidates = discover(sdir=sdir, lvdir=lvdir, scan=scan, dry_run=dry_run,
+                              check_alive=False)
     rep = Report()
     bulk = len(candidates) > 1
     todo = []
@@ -197,6 +200,10 @@ def reconnect(*, candidates: list[Candidate] | None = None, dry_run: bool = Fals
         workers = 1  # crash injection counts steps in one process
 
     def emit(o: Outcome) -> None:
+        if o.status == GONE:  # a recorded VM that exited: forgotten, not a failure
+            if not dry_run:
+                _drop_stale(o.pid, o.extra.get("starttime"), sdir)
+            return
         rep.outcomes.append(o)
         if progress:
             progress(len(rep.outcomes), len(candidates),

@@ -17,19 +17,22 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..engine.hoststate import HostState
-from ..errors import DeadlineError, NsmountError, UnsafePathError
+from ..errors import DeadlineError, NoSuchProcessError, NsmountError, UnsafePathError
 from ..kernel import consts as C
 from ..kernel import syscalls
 from ..model.paths import canonical, is_strictly_within
 from ..model.spec import VmSpec
 from ..state.locks import vm_lock
 from ..state.sources import check_record, spec_for, update_record
-from ..state.target import Target
+from ..state.target import Target, starttime
 from .outcome import Outcome, failure
 from .session import VmSession, host_ns_fd
 from .workers import DEFAULT_TIMEOUT, run_all, run_one
 
 MODES = ("inspect", "repair", "add", "remove")
+#: the status of an outcome for a VM that exited before it could be worked on: the
+#: caller forgets it (drops its record), it is neither a success nor a failure
+GONE = "gone"
 
 
 @dataclass(frozen=True)
@@ -137,11 +140,25 @@ def _remember(job: Job, t: Target, spec: VmSpec, out: Outcome, new_dev: int | No
 
 
 def run_safe(job: Job, host: HostState, host_ns: int) -> Outcome:
-    """:func:`run`, with every error turned into this VM's failed outcome."""
+    """:func:`run`, with every error turned into this VM's failed outcome; a VM known
+    only from its launch record that is no longer running is :data:`GONE`."""
     try:
         return run(job, host, host_ns)
+    except NoSuchProcessError as exc:
+        if job.recorded is not None and not _started(job):
+            return Outcome(job.pid, job.name, job.origin, status=GONE,
+                           extra={"starttime": job.starttime})
+        return failure(job.failed(""), exc)
     except (NsmountError, OSError) as exc:
         return failure(job.failed(""), exc)
+
+
+def _started(job: Job) -> bool:
+    """Does the job's process (same pid, same start time) still run?"""
+    try:
+        return job.starttime is None or starttime(job.pid) == job.starttime
+    except NsmountError:
+        return False
 
 
 def run_single(job: Job, host: HostState | None = None) -> Outcome:

@@ -85,9 +85,14 @@ class Target:
     #: st_dev of the /dev tmpfs recorded at launch (None: not launched by nsmount)
     recorded_dev: int | None = None
 
+    _mntns: tuple[int, int] | None = None
+
     @property
     def mntns(self) -> tuple[int, int]:
-        return _fd_id(self.nsfd)
+        """(st_dev, st_ino) of the pinned namespace (what ``nsfd`` is, for good)."""
+        if self._mntns is None:
+            self._mntns = _fd_id(self.nsfd)
+        return self._mntns
 
     @classmethod
     def pin(cls, pid: int, *, expect_starttime: int | None = None, name: str | None = None,
