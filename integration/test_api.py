@@ -21,6 +21,8 @@ def test_public_api_twice_typed_and_safe() -> None:
         assert o["seen"][f"remove{i}"] == ["Outcome", "repaired"], o["seen"]
         assert o["seen"][f"reconnect{i}"] == ["Report", 0, True], o["seen"]
     assert o["seen"]["repair1"] == ["Outcome", "ok"], o["seen"]  # converged
+    assert o["seen"]["add_inproc"] == ["Outcome", "repaired"], o["seen"]
+    assert o["seen"]["remove_inproc"] == ["Outcome", "repaired"], o["seen"]
     assert not [k for k, v in o["errors"].items() if v.startswith(("RAW", "no error"))], \
         o["errors"]
     assert o["errors"]["no-such-pid"] == "NoSuchProcessError"

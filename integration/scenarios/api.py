@@ -31,6 +31,11 @@ def api_twice() -> None:
         r = nsmount.reconnect(scan=False)
         seen[f"reconnect{i}"] = (type(r).__name__, r.summary()["failed"],
                                  isinstance(r, nsmount.Report))
+    # no deadline: in-process (no worker), same result
+    o = nsmount.device_add(pid, ["/dev/loop3"], timeout=None)
+    seen["add_inproc"] = (type(o).__name__, o.status)
+    o = nsmount.device_remove(pid, ["/dev/loop3"], timeout=None)
+    seen["remove_inproc"] = (type(o).__name__, o.status)
     # bad input: always an NsmountError, never TypeError/AttributeError/OSError
     errors = {}
     for what, call in {

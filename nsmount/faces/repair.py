@@ -34,10 +34,11 @@ from ..state.target import Target
 
 def _job(target: str | int, mode: str, *, explicit: VmSpec | None = None,
          lvdir: str | None = None, sdir: str | None = None,
-         timeout: float = DEFAULT_TIMEOUT, **kw: object) -> Job:
+         timeout: float | None = DEFAULT_TIMEOUT, **kw: object) -> Job:
     pid, domain = resolve_target(str(target), lvdir=lvdir)
     return Job(pid, domain, mode=mode, spec=explicit, state_dir=sdir, libvirt_state_dir=lvdir,
-               timeout=float(timeout or DEFAULT_TIMEOUT), **kw)  # type: ignore[arg-type]
+               timeout=None if timeout is None else float(timeout),
+               **kw)  # type: ignore[arg-type]
 
 
 def inspect(target: str | int, **kw: object) -> Outcome:

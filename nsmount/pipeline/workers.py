@@ -19,6 +19,7 @@ VM wrote.
 
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 import select
@@ -72,6 +73,9 @@ def _spawn(items: list[tuple[int, T]], fn: Callable[[T], R]) -> _Worker[T]:
     pid = os.fork()
     if pid == 0:  # worker: never returns into the caller
         code = 0
+        # a collection would touch every object the parent has: copy-on-write of the
+        # whole heap.  A worker is short-lived and makes little garbage.
+        gc.disable()
         try:
             os.close(r)
             executor.WORKER_OF = parent  # crash injection takes the parent down too
