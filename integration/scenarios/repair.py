@@ -12,7 +12,6 @@ import json
 import os
 import stat
 import subprocess
-import time
 from typing import Any
 
 from nsmount.state.target import starttime
@@ -20,6 +19,7 @@ from vmhelpers import (
     PY,
     comm,
     kinds,
+    loop_device,
     mountinfo_lines,
     nsm,
     nsm_json,
@@ -122,21 +122,10 @@ def qemu_damage_cycle() -> None:
 
 
 def qemu_hotplug_loop_device() -> None:
-    with open("/tmp/disk.img", "wb") as fh:
-        fh.truncate(16 << 20)
     loop = None
     vm = None
     try:
-        for _ in range(10):  # other sandboxes may grab the same free device
-            name = sh(["losetup", "-f"]).stdout.strip()
-            n = int(name.removeprefix("/dev/loop"))
-            if not os.path.exists(name):
-                os.mknod(name, 0o660 | stat.S_IFBLK, os.makedev(7, n))
-            if sh(["losetup", name, "/tmp/disk.img"], check=False).returncode == 0:
-                loop = name
-                break
-            time.sleep(0.1)
-        assert loop, "no free loop device"
+        loop = loop_device("/tmp/disk.img")
         host_st = os.lstat(loop)
         vm = start_vm("q", 5, qemu=(), devices=[])
         pid = vm.pid
