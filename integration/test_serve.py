@@ -28,26 +28,19 @@ The scenario bodies are in integration/scenarios/serve.py.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from harness import in_sandbox, privileged
+from harness import ok_json, privileged
 from scenarios import serve
 
 pytestmark = privileged
 
 
-def ok(fn: Callable[..., None]) -> None:
-    res = in_sandbox(fn, timeout=170)
-    assert res.json()["ok"], res.describe()
-
-
 def test_events_end_to_end() -> None:
-    ok(serve.events_end_to_end)
+    ok_json(serve.events_end_to_end, timeout=170)
 
 
 def test_socket_abuse() -> None:
-    ok(serve.socket_abuse)
+    ok_json(serve.socket_abuse, timeout=170)
 
 
 def test_flapping_mount() -> None:
-    ok(serve.flapping_mount)
+    ok_json(serve.flapping_mount, timeout=170)

@@ -24,7 +24,8 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, overload
 
@@ -359,10 +360,11 @@ def vm_lstat(pid: int, path: str) -> os.stat_result | None:
         return None
 
 
-def loop_device(img: str, size: int = 16 << 20) -> str:
+@contextmanager
+def loop_device(img: str, size: int = 16 << 20) -> Iterator[str]:
     """A free loop device with a sparse file ``img`` of ``size`` bytes behind it, its node
-    made in this host's /dev when missing; retried, as another sandbox may take the same
-    free device first.  Detach it with ``losetup -d``."""
+    made in this host's /dev when missing (retried, as another sandbox may take the same
+    free device first); detached on leaving the ``with``."""
     with open(img, "wb") as fh:
         fh.truncate(size)
     for _ in range(20):
@@ -371,9 +373,14 @@ def loop_device(img: str, size: int = 16 << 20) -> str:
         if not os.path.exists(name):
             os.mknod(name, 0o660 | stat.S_IFBLK, os.makedev(7, n))
         if sh(["losetup", name, img], check=False).returncode == 0:
-            return name
+            break
         time.sleep(0.1)
-    raise AssertionError("no free loop device")
+    else:
+        raise AssertionError("no free loop device")
+    try:
+        yield name
+    finally:
+        sh(["losetup", "-d", name], check=False)
 
 
 def mount_hugetlbfs(path: str, pagesize: str | None = None) -> None:

@@ -30,7 +30,6 @@ from vmhelpers import (
     qmp,
     read_text,
     record_path,
-    sh,
     start_vm,
     stop,
     user_state_dir,
@@ -113,29 +112,28 @@ def errors() -> None:
 
 def qemu() -> None:
     """A real QEMU launched rootless; root's QMP client adds the bound loop device."""
-    loop = loop_device("/tmp/disk.img")
-    vm = None
-    try:
-        os.chmod(loop, 0o666)  # the sandbox host's node: this user may use it
-        spec = write_spec("/tmp/vm.toml", name="q", id=9, devices=[loop])
-        before = host_snapshot()
-        vm = start_vm(spec=spec, qemu=(), user=NOBODY, timeout=90)
-        pid = vm.pid
-        with qmp(vm, timeout=60) as q:
-            status = q.cmd("query-status")["status"]
-            q.cmd("blockdev-add", {"driver": "host_device", "node-name": "d1",
-                                   "filename": loop})
-            nodes = [n["node-name"] for n in q.cmd("query-named-block-nodes")]
-        ids = {"mnt": mntns(pid) != mntns(), "user": other_userns(pid),
-               "uid": next(ln.split()[1] for ln in read_text(f"/proc/{pid}/status")
-                           .splitlines() if ln.startswith("Uid:"))}
-        vm_dev = sorted(dev_tree(f"/proc/{pid}/root/dev"))
-        devmount = [ln for ln in mountinfo_lines(pid) if ln.split()[4] == "/dev"]
-        comm_ = comm(pid)
-    finally:
-        if vm is not None:
-            stop(vm)
-        sh(["losetup", "-d", loop], check=False)
+    with loop_device("/tmp/disk.img") as loop:
+        vm = None
+        try:
+            os.chmod(loop, 0o666)  # the sandbox host's node: this user may use it
+            spec = write_spec("/tmp/vm.toml", name="q", id=9, devices=[loop])
+            before = host_snapshot()
+            vm = start_vm(spec=spec, qemu=(), user=NOBODY, timeout=90)
+            pid = vm.pid
+            with qmp(vm, timeout=60) as q:
+                status = q.cmd("query-status")["status"]
+                q.cmd("blockdev-add", {"driver": "host_device", "node-name": "d1",
+                                       "filename": loop})
+                nodes = [n["node-name"] for n in q.cmd("query-named-block-nodes")]
+            ids = {"mnt": mntns(pid) != mntns(), "user": other_userns(pid),
+                   "uid": next(ln.split()[1] for ln in read_text(f"/proc/{pid}/status")
+                               .splitlines() if ln.startswith("Uid:"))}
+            vm_dev = sorted(dev_tree(f"/proc/{pid}/root/dev"))
+            devmount = [ln for ln in mountinfo_lines(pid) if ln.split()[4] == "/dev"]
+            comm_ = comm(pid)
+        finally:
+            if vm is not None:
+                stop(vm)
     emit(status=status, nodes=nodes, ids=ids, dev=vm_dev, devmount=devmount[-1],
          comm=comm_, loop=loop, unchanged=host_snapshot() == before)
 
