@@ -21,6 +21,7 @@ import ast
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 INTEGRATION = Path(__file__).resolve().parent
 for _p in (INTEGRATION, INTEGRATION.parent / "tests"):
@@ -29,7 +30,7 @@ for _p in (INTEGRATION, INTEGRATION.parent / "tests"):
 
 from sandbox import SandboxResult, privileged, run_in_sandbox  # noqa: E402
 
-__all__ = ["assert_ok", "in_sandbox", "privileged", "scenario_code"]
+__all__ = ["assert_ok", "in_sandbox", "ok_json", "privileged", "scenario_code"]
 
 
 def scenario_code(fn: Callable[..., object], *args: object) -> str:
@@ -53,3 +54,13 @@ def in_sandbox(fn: Callable[..., object], *args: object, hugetlbfs: Sequence[str
 def assert_ok(res: SandboxResult) -> None:
     """The scenario ran to its end: its last line is ``OK``."""
     assert res.stdout.rstrip().endswith("OK"), res.describe()
+
+
+def ok_json(fn: Callable[..., object], *args: object, **kw: Any) -> dict[str, Any]:
+    """Run the scenario ``fn(*args)`` (see :func:`in_sandbox`); its JSON line must say
+    ``"ok": true``.  Returns that line, with the run's description as ``_describe``."""
+    res = in_sandbox(fn, *args, **kw)
+    out: dict[str, Any] = res.json()
+    assert out["ok"], res.describe()
+    out["_describe"] = res.describe()
+    return out

@@ -33,18 +33,14 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from harness import in_sandbox, privileged
+from harness import ok_json, privileged
 from scenarios import reconnect
 
 pytestmark = privileged
 
 
 def ok(fn: Callable[..., None], *args: object) -> dict[str, Any]:
-    res = in_sandbox(fn, *args, timeout=150)
-    out: dict[str, Any] = res.json()
-    assert out["ok"], res.describe()
-    out["_describe"] = res.describe()
-    return out
+    return ok_json(fn, *args, timeout=150)
 
 
 def test_scale_200() -> None:

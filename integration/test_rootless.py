@@ -28,143 +28,36 @@ crash                   SIGKILL right after each rootless step (NSMOUNT_CRASH_AF
                         dies with -9, nothing left on the host (mountinfo, /dev, no
                         record), the next launch works
 ======================  ===============================================================
+
+The scenario bodies are in integration/scenarios/rootless.py.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import sys
-import textwrap
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from sandbox import privileged, run_in_sandbox
+from harness import in_sandbox, privileged
+from scenarios import rootless
 
 pytestmark = privileged
 
 needs_qemu = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
                                 reason="qemu-system-x86_64 not installed")
 
-PRELUDE = r'''
-import json, os, stat, subprocess, sys, time
-sys.path.insert(0, os.path.join(os.environ["PYTHONPATH"].split(":")[0], "integration"))
-from vmhelpers import comm, dev_tree, mntns, sh, stop, wait_for, write_spec, qemu_argv
 
-UID = 65534
-RUNDIR = f"/run/user/{UID}"
-STATE = f"{RUNDIR}/nsmount"
-AS_USER = ["setpriv", "--reuid", str(UID), "--regid", str(UID), "--clear-groups"]
-SYS_PY = "/usr/bin/python3"
-os.makedirs(RUNDIR, exist_ok=True)
-os.chown(RUNDIR, UID, UID)
-os.chmod(RUNDIR, 0o700)
-ENV = {k: v for k, v in os.environ.items() if k != "NSMOUNT_STATE_DIR"}
-ENV.update(XDG_RUNTIME_DIR=RUNDIR, HOME="/tmp")
-os.chmod("/tmp", 0o1777)
-
-
-def user_nsm(*args, env=None, timeout=60):
-    e = dict(ENV, **(env or {}))
-    return subprocess.run([*AS_USER, SYS_PY, "-m", "nsmount", *map(str, args)],
-                          capture_output=True, text=True, env=e, timeout=timeout,
-                          cwd="/tmp")
-
-
-def start_user(argv, spec, timeout=60, **popen):
-    popen.setdefault("stdout", subprocess.DEVNULL)
-    popen.setdefault("stderr", subprocess.PIPE)
-    p = subprocess.Popen([*AS_USER, SYS_PY, "-m", "nsmount", "exec", "--spec", spec, "--",
-                          *argv], text=True, env=ENV, cwd="/tmp", **popen)
-    want = os.path.basename(argv[0])[:15]
-
-    def up():
-        if p.poll() is not None:
-            raise AssertionError(f"nsmount exec failed {p.returncode}: "
-                                 f"{p.stderr.read() if p.stderr else ''}")
-        return os.path.exists(f"{STATE}/vms/{p.pid}.json") and comm(p.pid) == want
-
-    wait_for(up, f"rootless {argv[0]}", timeout)
-    return p
-
-
-def host_snapshot():
-    lines = sorted(l.split(" ", 1)[1] for l in open("/proc/self/mountinfo"))
-    return lines, dev_tree("/dev")
-
-
-def free_loop(img):
-    """A free loop device with ``img`` behind it (another sandbox may race for one)."""
-    for _ in range(20):
-        name = sh(["losetup", "-f"]).stdout.strip()
-        n = int(name.removeprefix("/dev/loop"))
-        if not os.path.exists(name):
-            os.mknod(name, 0o660 | stat.S_IFBLK, os.makedev(7, n))
-        if sh(["losetup", name, img], check=False).returncode == 0:
-            return name
-        time.sleep(0.1)
-    raise AssertionError("no free loop device")
-
-
-def emit(**kw):
-    print(json.dumps(kw, default=str))
-'''
-
-
-def sandbox(code: str, **kw: Any) -> Any:
-    res = run_in_sandbox(PRELUDE + textwrap.dedent(code), timeout=240, **kw)
-    return res.json()
+def run(fn: Callable[..., None], *args: object, hugetlbfs: Sequence[str] = ()
+        ) -> dict[str, Any]:
+    """The scenario's JSON line (a failure inside the sandbox fails the test)."""
+    res = in_sandbox(fn, *args, hugetlbfs=hugetlbfs, timeout=240)
+    return res.json()  # type: ignore[no-any-return]
 
 
 def test_rootless_stand_in() -> None:
-    out = sandbox(r'''
-        os.chmod("/dev/loop0", 0o666)   # the sandbox host's copy: the user may use it
-        os.chmod("/dev/loop1", 0o600)   # ...but not this one
-        os.chmod("/dev/hugepages", 0o1777)
-        os.makedirs("/dev/disk/by-id", exist_ok=True)
-        os.symlink("../../loop0", "/dev/disk/by-id/usb-X")
-        spec = "/tmp/vm.toml"
-        with open(spec, "w") as fh:
-            fh.write('name = "r"\nid = 4\nhugepages = true\n'
-                     'devices = ["/dev/disk/by-id/usb-X", '
-                     '{path = "/dev/loop1", optional = true}]\n')
-        before = host_snapshot()
-
-        r = user_nsm("exec", "--dry-run", "--spec", spec, "--", "sh")
-        assert r.returncode == 0, r
-        assert "rootless" in r.stdout and "bind host node /dev/loop0" in r.stdout, r.stdout
-        assert "skip /dev/kvm: no read-write access for uid 65534" in r.stdout, r.stdout
-        assert "skip /dev/loop1: no read-write access" in r.stdout, r.stdout
-        assert host_snapshot() == before
-        r = user_nsm("exec", "--dry-run", "--json", "--spec", spec, "--", "sh")
-        doc = json.loads(r.stdout)
-        assert doc["rootless"] is True and doc["actions"][-1]["action"] == "seal-namespace"
-
-        script = ("cat /proc/self/uid_map; echo ---; "
-                  "umount -l /dev 2>/dev/null && echo UMOUNTED || echo SEALED; echo ---; "
-                  "echo hi > /dev/null && echo NULL-OK; "
-                  "head -c 4 /dev/zero | od -An -tx1; echo ---; sleep 1000")
-        p = start_user(["sh", "-c", script], spec, stdout=subprocess.PIPE)
-        pid = p.pid
-        assert mntns(pid) != mntns()
-        assert os.stat(f"/proc/{pid}/ns/user").st_ino != os.stat("/proc/self/ns/user").st_ino
-        got = [p.stdout.readline().strip() for _ in range(7)]  # up to the last ---
-        vm_dev = dev_tree(f"/proc/{pid}/root/dev")
-        mi = {l.split()[4]: l for l in open(f"/proc/{pid}/mountinfo")}
-        hp = "/dev/hugepages/libvirt/qemu/4-r"
-        hp_st = os.stat(hp)
-        rec = json.load(open(f"{STATE}/vms/{pid}.json"))
-        stop(p)
-        emit(uid_map=got[0], lines=got, dev=sorted(vm_dev), nodes={
-                 k: list(v) for k, v in vm_dev.items() if v[0] in "cbl"},
-             devmount=mi["/dev"], ptsmount=mi["/dev/pts"], hpmount=mi.get("/dev/hugepages"),
-             hp=[oct(stat.S_IMODE(hp_st.st_mode)), hp_st.st_uid, hp_st.st_gid],
-             rec_userns=rec.get("userns"), rec_pid=rec["pid"], pid=pid,
-             unchanged=host_snapshot() == before, loop0=os.stat("/dev/loop0").st_rdev)
-    ''', hugetlbfs=["/dev/hugepages"])
+    out = run(rootless.stand_in, hugetlbfs=["/dev/hugepages"])
     assert out["uid_map"].split() == ["65534", "65534", "1"], out
     lines = out["lines"]
     assert "SEALED" in lines and "UMOUNTED" not in lines, lines
@@ -186,18 +79,7 @@ def test_rootless_stand_in() -> None:
 
 
 def test_rootless_errors() -> None:
-    out = sandbox(r'''
-        os.chmod("/dev/loop1", 0o600)
-        with open("/tmp/req.toml", "w") as fh:
-            fh.write('name = "r"\ndevices = ["/dev/loop1"]\n')
-        before = host_snapshot()
-        r1 = user_nsm("exec", "--spec", "/tmp/req.toml", "--", "true")
-        # no runtime dir for the record: a clear error, nothing left behind
-        r2 = user_nsm("exec", "--", "true", env={"XDG_RUNTIME_DIR": "/nonexistent"})
-        r3 = user_nsm("exec", "--domain-xml", "/dev/null", "--", "true")
-        emit(r=[[r.returncode, r.stderr] for r in (r1, r2, r3)],
-             unchanged=host_snapshot() == before)
-    ''')
+    out = run(rootless.errors)
     (rc1, e1), (rc2, e2), (rc3, e3) = out["r"]
     assert rc1 == 6 and "required device /dev/loop1: no read-write access" in e1, e1
     assert "Traceback" not in e1 + e2 + e3
@@ -209,42 +91,7 @@ def test_rootless_errors() -> None:
 @pytest.mark.qemu
 @needs_qemu
 def test_rootless_qemu() -> None:
-    out = sandbox(r'''
-        sys.path.insert(0, os.path.join(os.environ["PYTHONPATH"].split(":")[0],
-                                        "integration"))
-        from qmp import QMP
-
-        with open("/tmp/disk.img", "wb") as fh:
-            fh.truncate(16 << 20)
-        loop = free_loop("/tmp/disk.img")
-        vm = None
-        try:
-            os.chmod(loop, 0o666)  # the sandbox host's node: this user may use it
-            with open("/tmp/vm.toml", "w") as fh:
-                fh.write(f'name = "q"\nid = 9\ndevices = ["{loop}"]\n')
-            before = host_snapshot()
-            vm = start_user(qemu_argv(), "/tmp/vm.toml", timeout=90)
-            pid = vm.pid
-            with QMP.connect("/tmp/qmp.sock", timeout=60) as q:
-                status = q.cmd("query-status")["status"]
-                q.cmd("blockdev-add", {"driver": "host_device", "node-name": "d1",
-                                       "filename": loop})
-                nodes = [n["node-name"] for n in q.cmd("query-named-block-nodes")]
-            ids = {"mnt": mntns(pid) != mntns(),
-                   "user": os.stat(f"/proc/{pid}/ns/user").st_ino
-                   != os.stat("/proc/self/ns/user").st_ino,
-                   "uid": [l.split()[1] for l in open(f"/proc/{pid}/status")
-                           if l.startswith("Uid:")][0]}
-            vm_dev = sorted(dev_tree(f"/proc/{pid}/root/dev"))
-            devmount = [l for l in open(f"/proc/{pid}/mountinfo") if l.split()[4] == "/dev"]
-            comm_ = comm(pid)
-        finally:
-            if vm is not None:
-                stop(vm)
-            sh(["losetup", "-d", loop], check=False)
-        emit(status=status, nodes=nodes, ids=ids, dev=vm_dev, devmount=devmount[-1],
-             comm=comm_, loop=loop, unchanged=host_snapshot() == before)
-    ''')
+    out = run(rootless.qemu)
     assert out["status"] == "prelaunch" and "d1" in out["nodes"], out
     assert out["ids"] == {"mnt": True, "user": True, "uid": "65534"}, out
     assert out["comm"].startswith("qemu-system")
@@ -256,53 +103,11 @@ def test_rootless_qemu() -> None:
     assert out["unchanged"], "sandbox host mountinfo or /dev changed"
 
 
-CRASH = r'''
-STEPS = json.loads(os.environ["CRASH_STEPS"])
-from nsmount.engine.actions import kebab
-BY_KIND = {kebab(s): s for s in STEPS}
-os.chmod("/dev/loop0", 0o666)
-os.chmod("/dev/hugepages", 0o1777)
-os.makedirs("/dev/net", exist_ok=True)
-with open("/tmp/vm.toml", "w") as fh:
-    fh.write('name = "c"\nhugepages = true\ndevices = ["/dev/loop0"]\n')
-r = user_nsm("exec", "--dry-run", "--json", "--spec", "/tmp/vm.toml", "--", "true")
-plan = [BY_KIND[a["action"]] for a in json.loads(r.stdout)["actions"]]
-runs = {}
-if os.environ.get("CRASH_ONLY_PLAN") != "1":
-    before = host_snapshot()
-    for step in dict.fromkeys(plan):
-        errs = []
-        r = user_nsm("exec", "--spec", "/tmp/vm.toml", "--", "true",
-                     env={"NSMOUNT_CRASH_AFTER": step}, timeout=20)
-        if r.returncode != -9:
-            errs.append(f"exit {r.returncode}, not -9: {r.stderr[-300:]}")
-        if os.path.isdir(f"{STATE}/vms") and os.listdir(f"{STATE}/vms"):
-            errs.append(f"record left: {os.listdir(STATE + '/vms')}")
-        now = host_snapshot()
-        # per-domain hugepage dirs (the pid names them) are made on the host's hugetlbfs
-        # on purpose; everything else must be as before
-        lines = now[0] == before[0]
-        dev = {k: v for k, v in now[1].items() if not k.startswith("/dev/hugepages/")}
-        if not lines or dev != before[1]:
-            errs.append("sandbox host changed")
-        r = user_nsm("exec", "--spec", "/tmp/vm.toml", "--", "sh", "-c", "test -b /dev/loop0")
-        if r.returncode != 0:
-            errs.append(f"relaunch failed {r.returncode}: {r.stderr[-300:]}")
-        for f in os.listdir(f"{STATE}/vms") if os.path.isdir(f"{STATE}/vms") else ():
-            os.unlink(f"{STATE}/vms/{f}")
-        runs[step] = errs
-emit(planned=sorted(set(plan)), runs=runs)
-'''
-
-
 def rootless_crash(only_plan: bool = False) -> dict[str, Any]:
     from nsmount.engine.actions import STEPS
 
-    env = {"CRASH_STEPS": json.dumps([s.__name__ for s in STEPS]),
-           "CRASH_ONLY_PLAN": "1" if only_plan else "0"}
-    res = run_in_sandbox(PRELUDE + CRASH, env=env, hugetlbfs=["/dev/hugepages"],
-                         timeout=240)
-    return res.json()  # type: ignore[no-any-return]
+    return run(rootless.crash_and_relaunch, [s.__name__ for s in STEPS], only_plan,
+               hugetlbfs=["/dev/hugepages"])
 
 
 def rootless_planned_steps() -> set[str]:
@@ -320,18 +125,5 @@ def test_rootless_crash_and_relaunch() -> None:
 
 def test_rootless_library_launch() -> None:
     """``nsmount.launch()`` by the unprivileged user from its own Python code."""
-    out = sandbox(r'''
-        code = (
-            "import json, os, nsmount\n"
-            "vm = nsmount.launch(nsmount.VmSpec(name='lib', domain_id=6), "
-            "['sh', '-c', 'test -L /dev/ptmx && test -c /dev/null && ls /dev/pts'])\n"
-            "rc = vm.wait(); vm.close()\n"
-            "print(json.dumps({'rc': rc, 'rootless': vm.plan.rootless, 'pid': vm.pid}))\n")
-        r = subprocess.run([*AS_USER, SYS_PY, "-c", code], capture_output=True, text=True,
-                           env=ENV, cwd="/tmp", timeout=60)
-        assert r.returncode == 0, r
-        doc = json.loads(r.stdout.strip().splitlines()[-1])
-        doc["record"] = os.path.exists(f"{STATE}/vms/{doc['pid']}.json")
-        emit(**doc)
-    ''')
+    out = run(rootless.library_launch)
     assert out == {"rc": 0, "rootless": True, "pid": out["pid"], "record": True}, out

@@ -10,7 +10,8 @@ The one way to start a VM is :func:`start_vm`: ``nsmount exec`` of a spec (or of
 domain XML) with a stand-in command (``sleep 1000``, optionally after a shell script,
 optionally as an unprivileged QEMU in its own user namespace) or a real QEMU with QMP
 (``qemu=...``, then :func:`qmp`); ``library=True`` launches through ``nsmount.launch``
-instead (no CLI start-up: hundreds of VMs in seconds).
+instead (no CLI start-up: hundreds of VMs in seconds); ``user=`` runs ``nsmount exec``
+itself as an unprivileged user (a rootless launch, see :func:`user_python`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, overload
 
@@ -32,6 +34,8 @@ if TYPE_CHECKING:
     from qmp import QMP
 
 PY = sys.executable
+#: this directory: put on PYTHONPATH to run a scenario module's ``__main__``
+INTEGRATION = os.path.dirname(os.path.abspath(__file__))
 STATE_DIR = os.environ.get("NSMOUNT_STATE_DIR", "/run/nsmount")
 
 #: a QEMU that starts fast and stays stopped (-S); QMP on a unix socket
@@ -40,9 +44,20 @@ QEMU_BASE_ARGV = ("qemu-system-x86_64", "-machine", "q35,accel=kvm:tcg", "-m", "
 QMP_SOCK = "/tmp/qmp.sock"
 
 QEMU_UID = 107
+#: the unprivileged user of the rootless launches (nobody; no user is added to /etc)
+NOBODY = 65534
+#: the system Python: the virtualenv lives under /root, which an unprivileged user cannot
+#: read (the rootless path needs nothing outside the standard library)
+SYS_PY = "/usr/bin/python3"
+
+
+def as_user(uid: int) -> list[str]:
+    """The prefix that runs a command as ``uid`` (gid the same, no supplementary groups)."""
+    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+
+
 #: an unprivileged QEMU: drop to uid 107, then its own user + mount namespace
-UNPRIV = ("setpriv", f"--reuid={QEMU_UID}", f"--regid={QEMU_UID}", "--clear-groups",
-          "unshare", "-Urm")
+UNPRIV = (*as_user(QEMU_UID), "unshare", "-Urm")
 
 
 # ------------------------------------------------------------------------- generic
@@ -93,11 +108,15 @@ def _toml_value(v: object) -> str:
         return "true" if v else "false"
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, Mapping):  # an inline table: {path = "/dev/loop5", optional = true}
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
     return json.dumps(v)  # ints and strings (JSON string escapes are valid TOML)
 
 
 def write_spec(path: str, **kw: object) -> str:
-    """Write a TOML launcher spec (top-level keys only; ``None`` values are left out)."""
+    """Write a TOML launcher spec (top-level keys only, values may be lists and inline
+    tables, e.g. ``devices=[{"path": "/dev/loop5", "optional": True}]``; ``None`` values
+    are left out)."""
     with open(path, "w") as fh:
         fh.write("".join(f"{k} = {_toml_value(v)}\n" for k, v in kw.items() if v is not None))
     return path
@@ -131,11 +150,43 @@ def nsm_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     return e
 
 
+def user_runtime_dir(uid: int) -> str:
+    return f"/run/user/{uid}"
+
+
+def user_state_dir(uid: int) -> str:
+    """nsmount's state dir for a rootless user: ``$XDG_RUNTIME_DIR/nsmount``."""
+    return f"{user_runtime_dir(uid)}/nsmount"
+
+
+def user_python(user: int | None = None, env: Mapping[str, str] | None = None
+                ) -> tuple[list[str], dict[str, str], str | None]:
+    """(argv, environment, cwd) that run Python as root (this interpreter) or, with
+    ``user``, as that uid: :data:`SYS_PY` under setpriv in /tmp, ``PYTHONPATH`` kept (the
+    repository), ``XDG_RUNTIME_DIR`` the user's runtime dir (made here as logind would:
+    0700, the user's), ``HOME=/tmp``, no ``NSMOUNT_STATE_DIR`` (nsmount keeps its state in
+    :func:`user_state_dir`); ``env`` on top."""
+    if user is None:
+        return [PY], nsm_env(env), None
+    rundir = user_runtime_dir(user)
+    os.makedirs(rundir, exist_ok=True)
+    os.chown(rundir, user, user)
+    os.chmod(rundir, 0o700)
+    os.chmod("/tmp", 0o1777)
+    e = {k: v for k, v in os.environ.items() if k != "NSMOUNT_STATE_DIR"}
+    e.update(XDG_RUNTIME_DIR=rundir, HOME="/tmp")
+    e.update(env or {})
+    return [*as_user(user), SYS_PY], e, "/tmp"
+
+
 def nsm(*args: object, env: Mapping[str, str] | None = None, timeout: float = 60,
-        prefix: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
-    """Run ``[prefix...] python3 -m nsmount ARGS`` and capture its output."""
-    return subprocess.run([*prefix, PY, "-m", "nsmount", *map(str, args)], capture_output=True,
-                          text=True, env=nsm_env(env), timeout=timeout)
+        prefix: Sequence[str] = (), user: int | None = None
+        ) -> subprocess.CompletedProcess[str]:
+    """Run ``[prefix...] python3 -m nsmount ARGS`` and capture its output; ``user``: as
+    that unprivileged uid (:func:`user_python`)."""
+    py, e, cwd = user_python(user, env)
+    return subprocess.run([*prefix, *py, "-m", "nsmount", *map(str, args)],
+                          capture_output=True, text=True, env=e, timeout=timeout, cwd=cwd)
 
 
 def nsm_json(*args: object, rc: int | None = None, **kw: Any) -> tuple[int, Any, str]:
@@ -168,6 +219,15 @@ def kinds(doc: Mapping[str, Any]) -> set[tuple[str, str]]:
     return {(d["kind"], d["path"]) for d in doc["drift"]}
 
 
+def python_m(module: str, *args: object, user: int | None = None,
+             **kw: Any) -> subprocess.CompletedProcess[str]:
+    """``python -m MODULE ARGS`` with this directory on PYTHONPATH (a scenario module's
+    ``__main__``), as root or as ``user`` (:func:`user_python`); see :func:`sh`."""
+    py, env, cwd = user_python(user, {
+        "PYTHONPATH": f"{INTEGRATION}:{os.environ.get('PYTHONPATH', '')}"})
+    return sh([*py, "-m", module, *map(str, args)], env=env, cwd=cwd, **kw)
+
+
 # ------------------------------------------------------------------------- start a VM
 def record_path(pid: int, state_dir: str | None = None) -> str:
     return os.path.join(state_dir or STATE_DIR, "vms", f"{pid}.json")
@@ -194,8 +254,8 @@ def start_vm(name: str = "x", domain_id: int = 3, *, argv: Sequence[str] = ("sle
              devices: Sequence[str] = ("/dev/loop0",), hugepages: bool = False,
              spec: str | None = None, domain_xml: str | None = None,
              qemu: Sequence[str] | None = None, script: str = "", unpriv: bool = False,
-             prefix: Sequence[str] = (), library: bool = False, timeout: float = 30,
-             **spec_kw: Any) -> Any:
+             prefix: Sequence[str] = (), library: bool = False, user: int | None = None,
+             stdout: Any = subprocess.DEVNULL, timeout: float = 30, **spec_kw: Any) -> Any:
     """Start one VM and return once its launch record exists and its command runs.
 
     ``nsmount exec --spec F -- [PREFIX] [setpriv ... unshare -Urm] ARGV`` where F is
@@ -205,8 +265,10 @@ def start_vm(name: str = "x", domain_id: int = 3, *, argv: Sequence[str] = ("sle
     sleep 1000'`` (the pid stays the record's pid through every exec).  ``unpriv``: the
     command runs as uid 107 in its own user + mount namespace.  ``qemu``: ARGV is a real
     QEMU (:data:`QEMU_BASE_ARGV`, QMP on :data:`QMP_SOCK`, then these arguments).
-    Returns the ``Popen`` (its stderr is a pipe); ``library=True``: ``nsmount.launch``
-    of the same spec from this process, returns its ``Launched``.
+    ``user``: ``nsmount exec`` itself runs as that uid (a rootless launch: the system
+    Python, the record in the user's runtime dir, see :func:`user_python`).  Returns the
+    ``Popen`` (its stderr is a pipe, its stdout ``stdout``); ``library=True``:
+    ``nsmount.launch`` of the same spec from this process, returns its ``Launched``.
     """
     if qemu is not None:
         argv = qemu_argv(*qemu)
@@ -216,6 +278,7 @@ def start_vm(name: str = "x", domain_id: int = 3, *, argv: Sequence[str] = ("sle
     want = "sleep" if script else os.path.basename(argv[0])[:15]  # comm once it runs
     argv = [*prefix, *(UNPRIV if unpriv else ()), *argv]
     if library:
+        assert user is None, "library=True launches from this (root) process"
         import nsmount
 
         vmspec = nsmount.VmSpec(name=name, domain_id=domain_id,
@@ -223,21 +286,23 @@ def start_vm(name: str = "x", domain_id: int = 3, *, argv: Sequence[str] = ("sle
         vm = nsmount.launch(vmspec, argv)
         wait_for(lambda: comm(vm.pid) == want, f"VM {name} to exec {argv[0]}", timeout)
         return vm
-    cmd = [PY, "-m", "nsmount", "exec"]
+    py, env, cwd = user_python(user)
+    cmd = [*py, "-m", "nsmount", "exec"]
     if domain_xml:
         cmd += ["--domain-xml", domain_xml]
     else:
         cmd += ["--spec", spec or write_spec(
             f"/run/spec-{name}.toml", name=name, id=domain_id, devices=list(devices),
             hugepages=hugepages, **spec_kw)]
-    p = subprocess.Popen([*cmd, "--", *argv], stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen([*cmd, "--", *argv], stdout=stdout, stderr=subprocess.PIPE,
+                         text=True, env=env, cwd=cwd)
+    record = record_path(p.pid, None if user is None else user_state_dir(user))
 
     def up() -> bool:
         if p.poll() is not None:
             err = p.stderr.read() if p.stderr else ""
             raise AssertionError(f"VM {name}: nsmount exec exited {p.returncode}: {err}")
-        return os.path.exists(record_path(p.pid)) and comm(p.pid) == want
+        return os.path.exists(record) and comm(p.pid) == want
 
     wait_for(up, f"VM {name} ({argv[0]})", timeout)
     return p
@@ -295,6 +360,29 @@ def vm_lstat(pid: int, path: str) -> os.stat_result | None:
         return None
 
 
+@contextmanager
+def loop_device(img: str, size: int = 16 << 20) -> Iterator[str]:
+    """A free loop device with a sparse file ``img`` of ``size`` bytes behind it, its node
+    made in this host's /dev when missing (retried, as another sandbox may take the same
+    free device first); detached on leaving the ``with``."""
+    with open(img, "wb") as fh:
+        fh.truncate(size)
+    for _ in range(20):
+        name = sh(["losetup", "-f"]).stdout.strip()
+        n = int(name.removeprefix("/dev/loop"))
+        if not os.path.exists(name):
+            os.mknod(name, 0o660 | stat.S_IFBLK, os.makedev(7, n))
+        if sh(["losetup", name, img], check=False).returncode == 0:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("no free loop device")
+    try:
+        yield name
+    finally:
+        sh(["losetup", "-d", name], check=False)
+
+
 def mount_hugetlbfs(path: str, pagesize: str | None = None) -> None:
     os.makedirs(path, exist_ok=True)
     opts = "nosuid,nodev" + (f",pagesize={pagesize}" if pagesize else "")
@@ -350,6 +438,92 @@ def mountpoints(pid: int | str = "self") -> list[str]:
 def top_mounts(pid: int | str = "self") -> dict[str, MountLine]:
     """mount point -> the last (top) mount there."""
     return {m.mountpoint: m for m in mountinfo(pid)}
+
+
+# ------------------------------------------------------------------------- hugetlbfs in VMs
+HUGETLBFS_MAGIC = 0x958458f6
+MB = 2 ** 20
+
+
+def start_vms(n: int) -> dict[int, Any]:
+    """n stand-in VMs (no hugepages wanted), guest<i> with domain id i+1."""
+    return {i: start_vm(f"guest{i}", i + 1, devices=(), library=True) for i in range(n)}
+
+
+def reconnect_json(*args: object, env: dict[str, str] | None = None
+                   ) -> tuple[int, Any, str]:
+    return nsm_json("reconnect", *args, env=env, timeout=120)
+
+
+def visible_mounts(pid: int) -> list[str]:
+    """Mount points of the mounts the VM can reach: attached below a reachable,
+    uncovered parent or stacked on a reachable one, and not shadowed by a sibling on
+    an ancestor path.  A mount stacked on another counts both (so a mount point
+    listed twice here is stacked), a mount on a hidden copy of /dev counts not."""
+    ms = {m.mount_id: (m.parent, m.mountpoint) for m in mountinfo(pid)}
+    kids: dict[int, list[int]] = {}
+    for mid, (par, _mp) in ms.items():
+        kids.setdefault(par, []).append(mid)
+
+    def under(child: str, anc: str) -> bool:
+        return anc == "/" or child.startswith(anc + "/")
+
+    def covered(mid: int) -> bool:
+        return any(ms[k][1] == ms[mid][1] for k in kids.get(mid, ()))
+
+    memo: dict[int, bool] = {}
+
+    def reach(mid: int) -> bool:
+        if mid in memo:
+            return memo[mid]
+        par, mp = ms[mid]
+        if par not in ms or par == mid:
+            r = True
+        elif any(ms[s][1] != mp and under(mp, ms[s][1]) for s in kids[par] if s != mid):
+            r = False                       # a sibling mounted on an ancestor path
+        elif mp == ms[par][1]:
+            r = reach(par)                  # stacked on its parent's root
+        else:
+            r = reach(par) and not covered(par)
+        memo[mid] = r
+        return r
+
+    return [ms[mid][1] for mid in ms if reach(mid)]
+
+
+def statfs_type(path: str) -> int:
+    """f_type of the filesystem at ``path`` (statfs(2); not in os.statvfs)."""
+    from nsmount.kernel import syscalls
+
+    fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    try:
+        return int(syscalls.fstatfs(fd)[0])
+    finally:
+        os.close(fd)
+
+
+def check_vm(pid: int, i: int, mounts: Sequence[tuple[str, int]]) -> list[str]:
+    """Problems of VM guest<i> with each (mount point, page size) of ``mounts``."""
+    probs = []
+    vis = visible_mounts(pid)
+    for mp, psize in mounts:
+        p = f"/proc/{pid}/root{mp}"
+        try:
+            if statfs_type(p) != HUGETLBFS_MAGIC:
+                probs.append(f"{mp}: not a hugetlbfs inside")
+                continue
+            if os.stat(p).st_dev != os.stat(mp).st_dev:
+                probs.append(f"{mp}: st_dev differs from the host's")
+            if os.statvfs(p).f_bsize != psize:
+                probs.append(f"{mp}: f_bsize {os.statvfs(p).f_bsize} != {psize}")
+            if not os.path.isdir(f"{p}/libvirt/qemu/{i + 1}-guest{i}"):
+                probs.append(f"{mp}: per-domain dir missing")
+        except OSError as exc:
+            probs.append(f"{mp}: {exc}")
+        n = vis.count(mp)
+        if n != 1:
+            probs.append(f"{mp}: {n} visible mounts")
+    return probs
 
 
 # ------------------------------------------------------------------------- /dev contents

@@ -21,8 +21,15 @@ trust          hostile VMs at the trust boundaries (issue 8)              test_h
 concurrency    concurrent repair and reconnect runs                       test_concurrency
 crash          crash injection after every apply step                     test_crash
 libvirt        the real libvirt daemon, its reconnect and the hook        test_libvirt
+serve          ``nsmount serve``: kernel events end to end, socket        test_serve
+               abuse, a flapping mount
+rootless       ``nsmount exec`` by an unprivileged user: stand-in,        test_rootless
+               errors, QEMU, crash per rootless step, ``launch()``
+fdpass         ``device add --fd-to-qmp`` and ``fdpass.pass_device``      test_fdpass_qmp
+               into a real QEMU (root and rootless VMs)
 =============  =========================================================  ==============
 
-Shared helpers: ``integration/vmhelpers.py`` (start a VM, run nsmount, look into a VM)
-and ``support.py`` here (fake /etc, snapshots, the Guard, raw nsmount runs).
+Shared helpers: ``integration/vmhelpers.py`` (start a VM, also as an unprivileged user,
+run nsmount, look into a VM, hugetlbfs as a VM sees it, loop devices) and ``support.py``
+here (fake /etc, snapshots, the Guard, raw nsmount runs).
 """

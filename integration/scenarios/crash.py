@@ -58,10 +58,10 @@ def setup(scen: str) -> tuple[int | None, list[object]]:
     return vm.pid, ["device", "remove", vm.pid, "/dev/loop0"]
 
 
-def planned(argv: list[object], by_kind: dict[str, str]) -> list[str]:
-    """The steps the run's dry run plans."""
+def planned(argv: list[object], by_kind: dict[str, str], user: int | None = None) -> list[str]:
+    """The steps the run's dry run plans (``user``: an ``exec`` run by that uid, rootless)."""
     if argv[0] == "exec":
-        r = nsm("exec", "--dry-run", "--json", *argv[1:])
+        r = nsm("exec", "--dry-run", "--json", *argv[1:], user=user)
         return [by_kind[a["action"]] for a in json.loads(r.stdout)["actions"]]
     _, o, _ = nsm_json(*argv[:-1], "--dry-run", argv[-1]) if argv[0] != "device" else \
         nsm_json(*argv[:3], "--dry-run", *argv[3:])

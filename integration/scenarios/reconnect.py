@@ -12,103 +12,26 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
 from typing import Any
 
-from nsmount.kernel import syscalls
 from vmhelpers import (
+    HUGETLBFS_MAGIC,
+    MB,
+    check_vm,
     emit,
     mount_hugetlbfs,
-    mountinfo,
     mountpoints,
     nsm,
-    nsm_json,
     read_text,
+    reconnect_json,
     sh,
-    start_vm,
+    start_vms,
+    statfs_type,
+    visible_mounts,
 )
 
-HUGETLBFS_MAGIC = 0x958458f6
 HAVE_1G = os.path.exists("/sys/kernel/mm/hugepages/hugepages-1048576kB")
-MB, GB = 2 ** 20, 2 ** 30
-
-
-def start_vms(n: int) -> dict[int, Any]:
-    """n stand-in VMs (no hugepages wanted), guest<i> with domain id i+1."""
-    return {i: start_vm(f"guest{i}", i + 1, devices=(), library=True) for i in range(n)}
-
-
-def reconnect_json(*args: object, env: dict[str, str] | None = None
-                   ) -> tuple[int, Any, str]:
-    return nsm_json("reconnect", *args, env=env, timeout=120)
-
-
-def visible_mounts(pid: int) -> list[str]:
-    """Mount points of the mounts the VM can reach: attached below a reachable,
-    uncovered parent or stacked on a reachable one, and not shadowed by a sibling on
-    an ancestor path.  A mount stacked on another counts both (so a mount point
-    listed twice here is stacked), a mount on a hidden copy of /dev counts not."""
-    ms = {m.mount_id: (m.parent, m.mountpoint) for m in mountinfo(pid)}
-    kids: dict[int, list[int]] = {}
-    for mid, (par, _mp) in ms.items():
-        kids.setdefault(par, []).append(mid)
-
-    def under(child: str, anc: str) -> bool:
-        return anc == "/" or child.startswith(anc + "/")
-
-    def covered(mid: int) -> bool:
-        return any(ms[k][1] == ms[mid][1] for k in kids.get(mid, ()))
-
-    memo: dict[int, bool] = {}
-
-    def reach(mid: int) -> bool:
-        if mid in memo:
-            return memo[mid]
-        par, mp = ms[mid]
-        if par not in ms or par == mid:
-            r = True
-        elif any(ms[s][1] != mp and under(mp, ms[s][1]) for s in kids[par] if s != mid):
-            r = False                       # a sibling mounted on an ancestor path
-        elif mp == ms[par][1]:
-            r = reach(par)                  # stacked on its parent's root
-        else:
-            r = reach(par) and not covered(par)
-        memo[mid] = r
-        return r
-
-    return [ms[mid][1] for mid in ms if reach(mid)]
-
-
-def statfs_type(path: str) -> int:
-    fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-    try:
-        return int(syscalls.fstatfs(fd)[0])
-    finally:
-        os.close(fd)
-
-
-def check_vm(pid: int, i: int, mounts: Sequence[tuple[str, int]]) -> list[str]:
-    """Problems of VM guest<i> with each (mount point, page size) of ``mounts``."""
-    probs = []
-    vis = visible_mounts(pid)
-    for mp, psize in mounts:
-        p = f"/proc/{pid}/root{mp}"
-        try:
-            if statfs_type(p) != HUGETLBFS_MAGIC:
-                probs.append(f"{mp}: not a hugetlbfs inside")
-                continue
-            if os.stat(p).st_dev != os.stat(mp).st_dev:
-                probs.append(f"{mp}: st_dev differs from the host's")
-            if os.statvfs(p).f_bsize != psize:
-                probs.append(f"{mp}: f_bsize {os.statvfs(p).f_bsize} != {psize}")
-            if not os.path.isdir(f"{p}/libvirt/qemu/{i + 1}-guest{i}"):
-                probs.append(f"{mp}: per-domain dir missing")
-        except OSError as exc:
-            probs.append(f"{mp}: {exc}")
-        n = vis.count(mp)
-        if n != 1:
-            probs.append(f"{mp}: {n} visible mounts")
-    return probs
+GB = 2 ** 30
 
 
 def start_stacked_vm(i: int = 0) -> subprocess.Popen[bytes]:

@@ -12,7 +12,6 @@ import json
 import os
 import stat
 import subprocess
-import time
 from typing import Any
 
 from nsmount.state.target import starttime
@@ -20,6 +19,7 @@ from vmhelpers import (
     PY,
     comm,
     kinds,
+    loop_device,
     mountinfo_lines,
     nsm,
     nsm_json,
@@ -122,71 +122,57 @@ def qemu_damage_cycle() -> None:
 
 
 def qemu_hotplug_loop_device() -> None:
-    with open("/tmp/disk.img", "wb") as fh:
-        fh.truncate(16 << 20)
-    loop = None
-    vm = None
-    try:
-        for _ in range(10):  # other sandboxes may grab the same free device
-            name = sh(["losetup", "-f"]).stdout.strip()
-            n = int(name.removeprefix("/dev/loop"))
-            if not os.path.exists(name):
-                os.mknod(name, 0o660 | stat.S_IFBLK, os.makedev(7, n))
-            if sh(["losetup", name, "/tmp/disk.img"], check=False).returncode == 0:
-                loop = name
-                break
-            time.sleep(0.1)
-        assert loop, "no free loop device"
-        host_st = os.lstat(loop)
-        vm = start_vm("q", 5, qemu=(), devices=[])
-        pid = vm.pid
-        blk = {"driver": "host_device", "node-name": "d1", "filename": loop}
-        with qmp(vm) as q:
-            assert vm_lstat(pid, loop) is None
-            reply = q.execute("blockdev-add", blk)
-            assert "error" in reply and "No such file" in reply["error"]["desc"], reply
+    with loop_device("/tmp/disk.img") as loop:
+        vm = None
+        try:
+            host_st = os.lstat(loop)
+            vm = start_vm("q", 5, qemu=(), devices=[])
+            pid = vm.pid
+            blk = {"driver": "host_device", "node-name": "d1", "filename": loop}
+            with qmp(vm) as q:
+                assert vm_lstat(pid, loop) is None
+                reply = q.execute("blockdev-add", blk)
+                assert "error" in reply and "No such file" in reply["error"]["desc"], reply
 
-            r = nsm("device", "add", pid, loop)
-            assert r.returncode == 1, r  # repaired (added)
-            st = vm_lstat(pid, loop)
-            assert st and stat.S_ISBLK(st.st_mode) and st.st_rdev == host_st.st_rdev, st
-            q.cmd("blockdev-add", blk)
-            assert any(n["node-name"] == "d1" for n in q.cmd("query-named-block-nodes"))
-            rec = json.loads(read_text(f"/run/nsmount/vms/{pid}.json"))
-            assert loop in json.dumps(rec), rec
+                r = nsm("device", "add", pid, loop)
+                assert r.returncode == 1, r  # repaired (added)
+                st = vm_lstat(pid, loop)
+                assert st and stat.S_ISBLK(st.st_mode) and st.st_rdev == host_st.st_rdev, st
+                q.cmd("blockdev-add", blk)
+                assert any(n["node-name"] == "d1" for n in q.cmd("query-named-block-nodes"))
+                rec = json.loads(read_text(f"/run/nsmount/vms/{pid}.json"))
+                assert loop in json.dumps(rec), rec
 
-            # the record is updated: repair recreates the hotplugged node
-            _, doc, _ = nsm_json("repair", pid, rc=0)
-            assert doc["actions"] == [], doc
-            sh(["nsenter", "-t", str(pid), "-m", "rm", loop])
-            _, doc, _ = nsm_json("repair", pid, rc=1)
-            assert ("missing-node", loop) in kinds(doc), doc
-            assert vm_lstat(pid, loop) is not None
+                # the record is updated: repair recreates the hotplugged node
+                _, doc, _ = nsm_json("repair", pid, rc=0)
+                assert doc["actions"] == [], doc
+                sh(["nsenter", "-t", str(pid), "-m", "rm", loop])
+                _, doc, _ = nsm_json("repair", pid, rc=1)
+                assert ("missing-node", loop) in kinds(doc), doc
+                assert vm_lstat(pid, loop) is not None
 
-            q.cmd("blockdev-del", {"node-name": "d1"})
-            r = nsm("device", "remove", pid, loop)
-            assert r.returncode == 1, r  # removed
-            r = nsm("device", "remove", pid, loop, "--json")
-            assert r.returncode == 0 and json.loads(r.stdout)["status"] == "ok", r
-            assert vm_lstat(pid, loop) is None, "still in the VM"
-            assert os.lstat(loop).st_ino == host_st.st_ino, "host node touched"
-            _, doc, _ = nsm_json("repair", pid, rc=0)
-            assert doc["actions"] == [], doc
-            assert vm_lstat(pid, loop) is None, "repair recreated a removed node"
-            reply = q.execute("blockdev-add", blk)
-            assert "error" in reply, reply
+                q.cmd("blockdev-del", {"node-name": "d1"})
+                r = nsm("device", "remove", pid, loop)
+                assert r.returncode == 1, r  # removed
+                r = nsm("device", "remove", pid, loop, "--json")
+                assert r.returncode == 0 and json.loads(r.stdout)["status"] == "ok", r
+                assert vm_lstat(pid, loop) is None, "still in the VM"
+                assert os.lstat(loop).st_ino == host_st.st_ino, "host node touched"
+                _, doc, _ = nsm_json("repair", pid, rc=0)
+                assert doc["actions"] == [], doc
+                assert vm_lstat(pid, loop) is None, "repair recreated a removed node"
+                reply = q.execute("blockdev-add", blk)
+                assert "error" in reply, reply
 
-            # a default node cannot be removed
-            before = vm_state(pid)
-            r = nsm("device", "remove", pid, "/dev/null")
-            one_line_error(r, 4, "default")
-            assert vm_state(pid) == before
-            assert q.cmd("query-status")["status"] == "prelaunch"
-    finally:
-        if vm is not None:
-            stop(vm)
-        if loop:
-            sh(["losetup", "-d", loop], check=False)
+                # a default node cannot be removed
+                before = vm_state(pid)
+                r = nsm("device", "remove", pid, "/dev/null")
+                one_line_error(r, 4, "default")
+                assert vm_state(pid) == before
+                assert q.cmd("query-status")["status"] == "prelaunch"
+        finally:
+            if vm is not None:
+                stop(vm)
     print("OK")
 
 
