@@ -45,7 +45,7 @@ def sandbox_main(cfg: dict[str, Any]) -> None:
     import time
 
     from nsmount.kernel import syscalls
-    from nsmount.launcher import launch
+    from nsmount.faces.launcher import launch
     from nsmount.model.spec import VmSpec
 
     py = sys.executable
