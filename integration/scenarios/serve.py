@@ -354,8 +354,14 @@ def flapping_mount() -> None:
                 time.sleep(0.01)
             else:
                 raise AssertionError("umount kept failing")
-    wait_for(lambda: all(visible_hugetlbfs(vm.pid, i) for i, vm in vms.items()),
-             "convergence", 30)
+    try:
+        wait_for(lambda: all(visible_hugetlbfs(vm.pid, i) for i, vm in vms.items()),
+                 "convergence", 30)
+    except AssertionError:
+        bad = [i for i, vm in vms.items() if not visible_hugetlbfs(vm.pid, i)]
+        lines = [ln for ln in read_text(LOG).splitlines() if "mount event" not in ln]
+        raise AssertionError(f"no convergence for VMs {bad}; service log:\n"
+                             + "\n".join(lines[-60:])) from None
     settle()
     probs = {}
     for i, vm in vms.items():

@@ -171,7 +171,8 @@ def reconnect(*, candidates: list[Candidate] | None = None, dry_run: bool = Fals
               jobs: int = 1, sdir: str | None = None, lvdir: str | None = None,
               scan: bool = True, timeout: float = DEFAULT_TIMEOUT,
               progress: Callable[[int, int, int], None] | None = None,
-              adjust_spec: Callable[[VmSpec], VmSpec] | None = None) -> Report:
+              adjust_spec: Callable[[VmSpec], VmSpec] | None = None,
+              inline: bool = False) -> Report:
     """Reconnect all (or the given) VMs; returns a per-VM report.  Library entry point
     for VM-manager daemons: "the pipeline for many VMs".
 
@@ -179,7 +180,8 @@ def reconnect(*, candidates: list[Candidate] | None = None, dry_run: bool = Fals
     VMs), each VM under a deadline of ``timeout`` seconds: a VM that blocks is
     abandoned (its worker killed) and reported failed, the others go on.
     ``adjust_spec`` (the service's host configuration: mounts every VM must see,
-    default devices) is applied to each VM's spec once it is known.
+    default devices) is applied to each VM's spec once it is known.  ``inline``: no
+    worker processes (see :func:`nsmount.pipeline.vm.run_many`).
     """
     t0 = time.perf_counter()
     if candidates is None:
@@ -209,7 +211,7 @@ def reconnect(*, candidates: list[Candidate] | None = None, dry_run: bool = Fals
             progress(len(rep.outcomes), len(candidates),
                      sum(x.status == "failed" for x in rep.outcomes))
 
-    run_many(todo, workers=workers, on_outcome=emit)
+    run_many(todo, workers=workers, on_outcome=emit, inline=inline)
     rep.outcomes.sort(key=lambda o: (o.name or "", o.pid))
     rep.seconds = time.perf_counter() - t0
     return rep

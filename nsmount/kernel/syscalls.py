@@ -145,6 +145,21 @@ def statx_mount(dirfd: int, path: str = "", flags: int = 0) -> tuple[int, bool]:
     return mnt_id, bool(attributes & C.STATX_ATTR_MOUNT_ROOT)
 
 
+def mount_unique_id(path: str) -> int | None:
+    """The 64-bit mount id of the mount at ``path`` (``STATX_MNT_ID_UNIQUE``, 6.8+):
+    never reused while the system runs, unlike the mountinfo id and the anonymous
+    st_dev of a new hugetlbfs, which are handed out again once freed.  None when the
+    kernel does not tell it or the path is gone."""
+    buf = _Statx()
+    if _libc.statx(C.AT_FDCWD, _fs(path), C.AT_SYMLINK_NOFOLLOW | C.AT_NO_AUTOMOUNT,
+                   C.STATX_MNT_ID_UNIQUE, ctypes.byref(buf)) < 0:
+        return None
+    raw = bytes(buf.raw)
+    if not int.from_bytes(raw[0:4], "little") & C.STATX_MNT_ID_UNIQUE:
+        return None
+    return int.from_bytes(raw[144:152], "little")
+
+
 _libc.fstatfs.argtypes = [_INT, ctypes.c_void_p]
 _libc.fstatfs.restype = _INT
 

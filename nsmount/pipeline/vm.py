@@ -204,13 +204,21 @@ def _in_thread(fn: Callable[[], Outcome]) -> Outcome:
 
 
 def run_many(jobs: Sequence[Job], *, workers: int, on_outcome: Callable[[Outcome], None],
-             host: HostState | None = None) -> None:
+             host: HostState | None = None, inline: bool = False) -> None:
     """Every job in ``workers`` forked processes, each VM under its own deadline; one
-    outcome per job, failures included, in the order they finish."""
+    outcome per job, failures included, in the order they finish.
+
+    ``inline``: in this process, one after another, no worker -- only for a caller that
+    is itself a disposable single-threaded process under a deadline of its own (the
+    service's job children), where a second fork would only cost time."""
     host = host or HostState.read()
     hfd = host_ns_fd()
     timeout = max((j.timeout or DEFAULT_TIMEOUT for j in jobs), default=DEFAULT_TIMEOUT)
     try:
+        if inline:
+            for j in jobs:
+                on_outcome(run_safe(j, host, hfd))
+            return
         run_all(list(jobs), lambda j: run_safe(j, host, hfd), workers=workers,
                 timeout=timeout, on_result=lambda _j, o: on_outcome(o),
                 on_error=lambda j, exc: on_outcome(failure(j.failed(""), exc)),

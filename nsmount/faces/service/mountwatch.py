@@ -10,7 +10,7 @@ import logging
 import os
 from collections.abc import Callable, Iterable
 
-from ...kernel import notify
+from ...kernel import notify, syscalls
 from ...model import mountinfo
 from ...model.hostmounts import visible_top
 from ...model.mountinfo import MountTree
@@ -19,7 +19,9 @@ from .loop import IN, PRI, Reactor
 log = logging.getLogger("nsmount.service")
 
 #: (mount point, fstype, "major:minor") of a mount VMs must see
-MountKey = tuple[str, str, str]
+#: mount point, fstype, st_dev, unique mount id (0 when the kernel has none): a mount
+#: made again at the same place is a new key even when its st_dev is recycled
+MountKey = tuple[str, str, str, int]
 
 
 def relevant_mounts(extra: Iterable[str] = ()) -> frozenset[MountKey]:
@@ -29,12 +31,16 @@ def relevant_mounts(extra: Iterable[str] = ()) -> frozenset[MountKey]:
     out: set[MountKey] = set()
     for m in tree.visible():
         if m.fstype == "hugetlbfs":
-            out.add((m.mountpoint, m.fstype, f"{m.major}:{m.minor}"))
+            out.add(_key(m.mountpoint, m.fstype, m.major, m.minor))
     for p in extra:
         top = visible_top(tree, p)
         if top is not None and top.mountpoint == p:
-            out.add((top.mountpoint, top.fstype, f"{top.major}:{top.minor}"))
+            out.add(_key(top.mountpoint, top.fstype, top.major, top.minor))
     return frozenset(out)
+
+
+def _key(path: str, fstype: str, major: int, minor: int) -> MountKey:
+    return (path, fstype, f"{major}:{minor}", syscalls.mount_unique_id(path) or 0)
 
 
 class MountWatch:

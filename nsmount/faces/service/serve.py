@@ -50,6 +50,9 @@ log = logging.getLogger("nsmount.service")
 MAX_DELAY = 0.25
 #: request jobs running at once (more wait in a queue)
 MAX_JOBS = 8
+#: how often a VM that failed in a batch is tried again before the service waits for
+#: the next event that concerns it
+RETRIES = 3
 #: slack on top of the per-VM deadline before a job is killed
 JOB_SLACK = 5.0
 
@@ -97,8 +100,10 @@ def _reconnect_job(cands: list[Candidate], *, sdir: str | None, lvdir: str | Non
             cands[0].spec = replace(spec_from_domain_xml(xml), source="libvirt-hook")
         except NsmountError as exc:
             cands[0].error = f"domain XML: {exc.oneline()}"
+    # one VM (a hook call, a repair request): this job child is already a disposable
+    # process under that VM's deadline, so no second fork; a batch keeps per-VM workers
     rep = reconnect(candidates=cands, sdir=sdir, lvdir=lvdir, timeout=timeout, jobs=workers,
-                    adjust_spec=adjust)
+                    adjust_spec=adjust, inline=len(cands) == 1)
     return rep.to_dict()
 
 
@@ -121,6 +126,7 @@ class Service:
         self.known_mounts: frozenset[MountKey] = frozenset()
         # event batches
         self.dirty: dict[int, float] = {}  # pid -> monotonic time of its first event
+        self.retries: dict[int, int] = {}  # pid -> failed batches in a row (RETRIES)
         self.batch_job: jobs.Job | None = None
         self.batch_timer: Timer | None = None
         self.batch_first: float | None = None
@@ -259,10 +265,10 @@ class Service:
         appeared = now - self.known_mounts
         gone = self.known_mounts - now
         self.known_mounts = now
-        for mp, fs, dev in sorted(gone):
+        for mp, fs, dev, _uid in sorted(gone):
             log.info("host mount gone: %s (%s %s)", escape_name(mp), fs, dev)
         if appeared:
-            for mp, fs, dev in sorted(appeared):
+            for mp, fs, dev, _uid in sorted(appeared):
                 log.info("host mount appeared: %s (%s %s)", escape_name(mp), fs, dev)
             self._mark(list(self.registry.vms), first or time.monotonic())
 
@@ -345,6 +351,7 @@ class Service:
                 self._account(value, todo)
                 log.info("batch of %d VM(s) done in %.3fs (pipeline %.3fs)", len(cands),
                          time.monotonic() - t_start, value.get("seconds", 0.0))
+                self._retry_failed(value, todo)
             self._write_metrics()
             if self.dirty:
                 self._mark(list(self.dirty), min(self.dirty.values()))
@@ -352,6 +359,23 @@ class Service:
         self.batch_job = self._start_job(
             "batch", lambda: _reconnect_job(cands, sdir=sdir, lvdir=lvdir, timeout=timeout,
                                             workers=workers, adjust=adjust), deadline, done)
+
+    def _retry_failed(self, report: dict[str, Any], todo: dict[int, float]) -> None:
+        """A VM that failed in a batch (often the host changed under it: a mount that
+        was unmounted between reading the table and cloning it) is tried again with the
+        next batch, at most RETRIES times in a row: no later event may come to redo it,
+        and a VM that always fails must not keep the service busy."""
+        for o in report.get("vms", []):
+            pid = o.get("pid", -1)
+            if o.get("status") != "failed":
+                self.retries.pop(pid, None)
+                continue
+            n = self.retries.get(pid, 0) + 1
+            if n <= RETRIES and pid in self.registry.vms:
+                self.retries[pid] = n
+                self.dirty.setdefault(pid, todo.get(pid, time.monotonic()))
+            else:
+                self.retries.pop(pid, None)
 
     def _account(self, report: dict[str, Any], t_events: dict[int, float] | None = None
                  ) -> None:
