@@ -29,7 +29,7 @@ from ..state.sources import (
     read_pidfile,
     resolve_target,
 )
-from ..state.target import SELF_MNTNS, owned_by_us, starttime
+from ..state.target import SELF_MNTNS, owned_by_us, read_cmdline, running
 
 
 @dataclass
@@ -46,13 +46,6 @@ class Candidate:
     mntns: tuple[int, int] | None = None
     dev: int | None = None
     recorded: bool = False
-
-
-def _running(pid: int, started: int | None) -> bool:
-    try:
-        return started is None or starttime(pid) == started
-    except (NsmountError, OSError, ValueError, IndexError):
-        return False
 
 
 def _drop_stale(pid: int, started: int | None, sdir: str | None) -> None:
@@ -73,13 +66,13 @@ def discover(*, sdir: str | None = None, lvdir: str | None = None,
     bad: list[Candidate] = []
     for pid, rec in record.scan(sdir):
         if isinstance(rec, SpecError):
-            if not _running(pid, None):
+            if not running(pid, None):
                 if not dry_run:
                     record.remove(pid, sdir)
                 continue
             bad.append(Candidate(pid, "record", error=rec.oneline()))
             continue
-        if check_alive and not _running(pid, rec.starttime):
+        if check_alive and not running(pid, rec.starttime):
             if not dry_run:
                 _drop_stale(pid, rec.starttime, sdir)
             continue
@@ -136,9 +129,8 @@ def _scan_processes() -> Iterable[Candidate]:
         if not (name.startswith("qemu-system-") or name in ("qemu-kvm", "kvm")):
             continue
         try:
-            with open(f"/proc/{p.pid}/cmdline", "rb") as fh:
-                if not looks_like_qemu(fh.read(1 << 20)):
-                    continue
+            if not looks_like_qemu(read_cmdline(p.pid)):
+                continue
             nsfd = os.open(f"/proc/{p.pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
             try:
                 st = os.fstat(nsfd)
@@ -146,7 +138,7 @@ def _scan_processes() -> Iterable[Candidate]:
                     continue
             finally:
                 os.close(nsfd)
-        except OSError:
+        except (OSError, NsmountError):  # gone meanwhile, or not ours to read
             continue
         yield Candidate(p.pid, "scan")
 

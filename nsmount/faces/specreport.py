@@ -18,7 +18,7 @@ import stat
 from typing import Any
 
 from ..state import sysfs
-from ..errors import NsmountError, SpecError
+from ..errors import NoSuchProcessError, NsmountError, SpecError
 from ..state.libvirtspec import HostContext, owner, resolve_lookups
 from ..model.display import escape_name, safe_line
 from ..model.libvirt_xml import Derivation, derive_domain_xml
@@ -182,7 +182,7 @@ def _from_target(arg: str, ctx: HostContext, lvdir: str | None,
     from ..state import record
     from ..model.libvirt_xml import derive_status_xml
     from ..state.sources import libvirt_state_dir, looks_like_qemu, resolve_target
-    from ..state.target import starttime
+    from ..state.target import read_cmdline, starttime
 
     pid, domain = resolve_target(arg, lvdir=lvdir)
     rec = record.read(pid, sdir)
@@ -203,8 +203,9 @@ def _from_target(arg: str, ctx: HostContext, lvdir: str | None,
                 raise SpecError(f"{path} names pid {spid}, not {pid}: stale state file")
             return report_from_derivation(d, ctx, source="libvirt-status")
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            raw = fh.read(1 << 20)
+        raw = read_cmdline(pid)
+    except NoSuchProcessError:
+        raise SpecError(f"cannot read /proc/{pid}/cmdline: No such file or directory") from None
     except OSError as exc:
         raise SpecError(f"cannot read /proc/{pid}/cmdline: {exc.strerror}") from None
     if not looks_like_qemu(raw):

@@ -155,11 +155,10 @@ def parse(text: str) -> list[Mount]:
 
 
 def read(pid: int | str = "self") -> list[Mount]:
-    """Read and parse ``/proc/<pid>/mountinfo`` (``thread-self`` for the caller thread)."""
-    path = "/proc/thread-self/mountinfo" if pid == "thread-self" else f"/proc/{pid}/mountinfo"
-    with open(path, encoding="latin-1") as fh:  # unescape() re-decodes as UTF-8
-        text = fh.read()
-    return parse(text.encode("latin-1").decode("latin-1"))
+    """Read and parse ``/proc/<pid>/mountinfo`` of the caller's procfs (the host's: a
+    VM's mount table is read through :meth:`nsmount.state.target.Target.mount_table`)."""
+    with open(f"/proc/{pid}/mountinfo", encoding="latin-1") as fh:  # unescape() re-decodes
+        return parse(fh.read())
 
 
 @dataclass

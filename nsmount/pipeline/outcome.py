@@ -57,13 +57,6 @@ class Report:
             s[o.status] = s.get(o.status, 0) + 1
         return s
 
-    @property
-    def exit_code(self) -> int:
-        s = self.summary()
-        if s["failed"]:
-            return 2
-        return 1 if s["repaired"] else 0
-
     def to_dict(self) -> dict[str, Any]:
         return {"summary": self.summary(), "seconds": round(self.seconds, 4),
                 "vms": [o.to_dict() for o in self.outcomes]}

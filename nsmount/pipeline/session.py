@@ -44,6 +44,8 @@ class VmSession:
         self.desired = replace(desired, dev_sb=target.recorded_dev)
         self.host_devs = {h.path: dev for h in self.desired.mounts
                           if (dev := host.st_dev(h.path)) is not None}
+        #: st_dev of the /dev a rebuild swapped in (the VM's own from then on)
+        self.new_dev: int | None = None
 
     def work(self, host_ns: int, *, dry_run: bool, mode: str = "repair",
              rebuild: bool = False, remove: tuple[str, ...] = ()) -> Outcome:
@@ -144,8 +146,6 @@ class VmSession:
                                                   for v in obs.tree):
                 out.warnings.append(f"mount id {m.mount_id} at {escape_name(m.mountpoint)} "
                                     "is hidden under another mount: left alone")
-
-    new_dev: int | None = None  # st_dev of the /dev a rebuild swapped in
 
 
 def _unfixed(out: Outcome, unfixable: list[Drift]) -> None:

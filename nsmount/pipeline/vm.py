@@ -24,7 +24,7 @@ from ..model.paths import canonical, is_strictly_within
 from ..model.spec import VmSpec
 from ..state.locks import vm_lock
 from ..state.sources import check_record, spec_for, update_record
-from ..state.target import Target, starttime
+from ..state.target import Target, running
 from .outcome import Outcome, failure
 from .session import VmSession, host_ns_fd
 from .workers import DEFAULT_TIMEOUT, run_all, run_one
@@ -147,20 +147,13 @@ def run_safe(job: Job, host: HostState, host_ns: int) -> Outcome:
     try:
         return run(job, host, host_ns)
     except NoSuchProcessError as exc:
-        if job.recorded is not None and not _started(job):
+        if job.recorded is not None and not running(job.pid, job.starttime):
             return Outcome(job.pid, job.name, job.origin, status=GONE,
                            extra={"starttime": job.starttime})
         return failure(job.failed(""), exc)
     except (NsmountError, OSError) as exc:
         return failure(job.failed(""), exc)
 
-
-def _started(job: Job) -> bool:
-    """Does the job's process (same pid, same start time) still run?"""
-    try:
-        return job.starttime is None or starttime(job.pid) == job.starttime
-    except NsmountError:
-        return False
 
 
 def run_single(job: Job, host: HostState | None = None) -> Outcome:

@@ -20,7 +20,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from ..errors import ForeignNamespaceError, HostTargetError, NoSuchProcessError, TargetError
+from ..errors import (
+    ForeignNamespaceError,
+    HostTargetError,
+    NoSuchProcessError,
+    NsmountError,
+    TargetError,
+)
 from ..kernel import syscalls
 from ..model import mountinfo
 from ..model.mountinfo import MountTree
@@ -42,6 +48,27 @@ def starttime(pid: int) -> int:
     # comm may hold spaces and parentheses: split after the last ')'
     rest = data[data.rindex(b")") + 2:].split()
     return int(rest[19])
+
+
+def running(pid: int, started: int | None) -> bool:
+    """Does ``pid`` still run, and (when ``started`` is given) is it the same process?"""
+    try:
+        return started is None or starttime(pid) == started
+    except (NsmountError, OSError, ValueError, IndexError):
+        return False
+
+
+#: /proc/PID/cmdline is the process's own data: read no more than this
+MAX_CMDLINE = 1 << 20
+
+
+def read_cmdline(pid: int) -> bytes:
+    """``/proc/PID/cmdline`` of the host's procfs, capped; NoSuchProcessError when gone."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read(MAX_CMDLINE)
+    except (FileNotFoundError, ProcessLookupError):
+        raise NoSuchProcessError(f"pid {pid} exited") from None
 
 
 def ns_id(pid: int | str) -> tuple[int, int]:
@@ -168,11 +195,7 @@ class Target:
             raise NoSuchProcessError(f"pid {self.pid} exited")
 
     def cmdline(self) -> bytes:
-        try:
-            with open(f"/proc/{self.pid}/cmdline", "rb") as fh:
-                return fh.read()
-        except FileNotFoundError:
-            raise NoSuchProcessError(f"pid {self.pid} exited") from None
+        return read_cmdline(self.pid)
 
     def close(self) -> None:
         for attr in ("pidfd", "nsfd"):
