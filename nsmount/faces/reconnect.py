@@ -147,6 +147,21 @@ def _scan_processes() -> Iterable[Candidate]:
 MIN_VMS_PER_WORKER = 50
 
 
+def unusable(c: Candidate) -> Outcome:
+    """The failed outcome of a candidate discovery could not make sense of."""
+    return Outcome(c.pid, c.name, c.origin, status="failed", error=c.error, error_code=2)
+
+
+def forget_if_gone(o: Outcome, *, dry_run: bool, sdir: str | None) -> bool:
+    """True for the outcome of a recorded VM that exited (:data:`GONE`): it is
+    forgotten (record and lock dropped), neither a success nor a failure."""
+    if o.status != GONE:
+        return False
+    if not dry_run:
+        _drop_stale(o.pid, o.extra.get("starttime"), sdir)
+    return True
+
+
 def job_for(c: Candidate, *, dry_run: bool = False, bulk: bool = False,
             sdir: str | None = None, lvdir: str | None = None,
             timeout: float = DEFAULT_TIMEOUT,
@@ -184,8 +199,7 @@ def reconnect(*, candidates: list[Candidate] | None = None, dry_run: bool = Fals
     todo = []
     for c in candidates:
         if c.error:
-            rep.outcomes.append(Outcome(c.pid, c.name, c.origin, status="failed",
-                                        error=c.error, error_code=2))
+            rep.outcomes.append(unusable(c))
         else:
             todo.append(job_for(c, dry_run=dry_run, bulk=bulk, sdir=sdir, lvdir=lvdir,
                                 timeout=timeout, adjust_spec=adjust_spec))
@@ -194,9 +208,7 @@ def reconnect(*, candidates: list[Candidate] | None = None, dry_run: bool = Fals
         workers = 1  # crash injection counts steps in one process
 
     def emit(o: Outcome) -> None:
-        if o.status == GONE:  # a recorded VM that exited: forgotten, not a failure
-            if not dry_run:
-                _drop_stale(o.pid, o.extra.get("starttime"), sdir)
+        if forget_if_gone(o, dry_run=dry_run, sdir=sdir):
             return
         rep.outcomes.append(o)
         if progress:

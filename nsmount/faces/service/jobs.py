@@ -24,7 +24,7 @@ log = logging.getLogger("nsmount.service")
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -89,7 +89,7 @@ def start(kind: str, fn: Callable[[], Any], *, timeout: float,
             for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)
             os.setpgid(0, 0)
-            _die_with_parent()
+            die_with_parent()
             try:
                 res: tuple[str, Any] = ("ok", fn())
             except BaseException as exc:  # the loop turns it into failures

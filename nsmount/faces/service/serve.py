@@ -9,10 +9,11 @@
   is forgotten with its record and lock (:mod:`.lifecycle`);
 * socket requests (:mod:`.server`) -> their own job each.
 
-Every batch is :func:`nsmount.reconnect.reconnect` in a forked job
-(:mod:`.jobs`): the loop never blocks on a VM, each VM has its deadline, one frozen
-VM never holds up the others.  At most one event batch runs at a time; events that
-arrive meanwhile are collected for the next one.
+Every VM of a batch, and every hook or repair request, is one task for the warm
+worker processes of :mod:`.pool` (the one per-VM pipeline, :mod:`.tasks`): the loop
+never blocks on a VM, each VM has its deadline, one frozen VM never holds up the
+others.  At most one event batch runs at a time; events that arrive meanwhile are
+collected for the next one.  Device requests run in a forked job (:mod:`.jobs`).
 """
 
 from __future__ import annotations
@@ -28,13 +29,15 @@ from dataclasses import replace
 from typing import Any
 
 from ... import __version__ as VERSION
-from ...errors import NsmountError
+from ...errors import DeadlineError, NsmountError
 from ...model.display import escape_name
 from ...state.record import open_subdir, state_dir
-from ...model.spec import VmSpec
+from ...pipeline.outcome import Outcome, Report
 from ..reconnect import Candidate
 from . import config as configmod
 from . import jobs
+from .pool import Pool, Task
+from .tasks import TASKS, VmTask
 from .client import socket_path
 from .config import Config, ConfigError
 from .lifecycle import DirWatch, Registry, Vm
@@ -72,41 +75,6 @@ def sd_notify(msg: str) -> None:
         log.warning("sd_notify failed: %s", exc)
 
 
-def spec_adjuster(cfg: Config) -> Callable[[VmSpec], VmSpec] | None:
-    """The host configuration applied to every VM's spec."""
-    if not cfg.mounts and not cfg.default_devices:
-        return None
-    mounts, devs = cfg.mounts, cfg.default_devices
-
-    def adjust(spec: VmSpec) -> VmSpec:
-        return replace(spec,
-                       mounts=spec.mounts + tuple(m for m in mounts if m not in spec.mounts),
-                       default_devices=spec.default_devices + tuple(
-                           d for d in devs if d not in spec.default_devices))
-
-    return adjust
-
-
-def _reconnect_job(cands: list[Candidate], *, sdir: str | None, lvdir: str | None,
-                   timeout: float, workers: int, adjust: Callable[[VmSpec], VmSpec] | None,
-                   xml: str | None = None) -> dict[str, Any]:
-    """In a job child: the one pipeline for these VMs."""
-    from ..reconnect import reconnect
-
-    if xml is not None and cands:
-        from ...state.libvirtspec import spec_from_domain_xml
-
-        try:
-            cands[0].spec = replace(spec_from_domain_xml(xml), source="libvirt-hook")
-        except NsmountError as exc:
-            cands[0].error = f"domain XML: {exc.oneline()}"
-    # one VM (a hook call, a repair request): this job child is already a disposable
-    # process under that VM's deadline, so no second fork; a batch keeps per-VM workers
-    rep = reconnect(candidates=cands, sdir=sdir, lvdir=lvdir, timeout=timeout, jobs=workers,
-                    adjust_spec=adjust, inline=len(cands) == 1)
-    return rep.to_dict()
-
-
 class Service:
     def __init__(self, cfg: Config, *, config_arg: str | None = None,
                  sdir: str | None = None, lvdir: str | None = None,
@@ -127,7 +95,10 @@ class Service:
         # event batches
         self.dirty: dict[int, float] = {}  # pid -> monotonic time of its first event
         self.retries: dict[int, int] = {}  # pid -> failed batches in a row (RETRIES)
-        self.batch_job: jobs.Job | None = None
+        self.batch: Batch | None = None
+        self.batch_no = 0
+        self.pool: Pool | None = None
+        self.requests = 0  # socket requests being worked on by the pool
         self.batch_timer: Timer | None = None
         self.batch_first: float | None = None
         self.mount_timer: Timer | None = None
@@ -158,6 +129,12 @@ class Service:
 
     # ------------------------------------------------------------------ start/stop
     def start(self) -> None:
+        # the workers first, while the service holds no sockets or watches to inherit
+        self.pool = Pool(self.reactor, TASKS, size=self.workers,
+                         max_size=self.workers + MAX_JOBS, child_setup=self._in_worker)
+        self.pool.start()
+        for _ in range(self.workers):
+            self.pool.submit(Task("warm-up", [None], self.timeout, lambda *_a: None))
         os.close(open_subdir("vms", self.sdir))  # exists (0700) before it is watched
         self.registry = Registry(self.reactor, sdir=self.sdir, lvdir=self.lvdir,
                                  on_exit=self._vm_exited)
@@ -194,10 +171,10 @@ class Service:
 
     def close(self) -> None:
         sd_notify("STOPPING=1")
-        for j in [*self.jobs.values(), *([self.batch_job] if self.batch_job else [])]:
+        for j in self.jobs.values():
             j.kill()
             j.finish(timed_out=False)
-        for part in ("server", "mountwatch", "uevents", "dirwatch", "registry"):
+        for part in ("pool", "server", "mountwatch", "uevents", "dirwatch", "registry"):
             obj = getattr(self, part, None)
             if obj is not None:
                 try:
@@ -206,6 +183,16 @@ class Service:
                     log.exception("closing %s", part)
         signal.set_wakeup_fd(-1)
         self.reactor.close()
+
+    def _in_worker(self) -> None:
+        """In a new worker process: the service's descriptors are not its to hold (a
+        client connection kept open there would never see its end)."""
+        fds = [*self.reactor.handlers, self.reactor.ep.fileno(), *getattr(self, "_sigpipe", ())]
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def _signals(self) -> None:
         r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -270,7 +257,8 @@ class Service:
         if appeared:
             for mp, fs, dev, _uid in sorted(appeared):
                 log.info("host mount appeared: %s (%s %s)", escape_name(mp), fs, dev)
-            self._mark(list(self.registry.vms), first or time.monotonic())
+            # these events were debounced already: the batch starts at once
+            self._mark(list(self.registry.vms), first or time.monotonic(), settled=True)
 
     def _device_event(self, path: str, action: str) -> None:
         self.metrics.event("uevent")
@@ -310,55 +298,60 @@ class Service:
         self._write_metrics()
 
     # ------------------------------------------------------------------ batches
-    def _mark(self, pids: list[int], t_event: float) -> None:
+    def _mark(self, pids: list[int], t_event: float, *, settled: bool = False) -> None:
+        """These VMs need the pipeline: in the next batch, once events have been quiet
+        for ``debounce_ms`` (``settled``: they were debounced already, start now)."""
         if not pids:
             return
         for pid in pids:
             if pid in self.registry.vms:
                 self.dirty[pid] = min(self.dirty.get(pid, t_event), t_event)
-        if self.batch_job is not None:
+        if self.batch is not None:
             return  # the next batch starts when this one is done
         now = time.monotonic()
         if self.batch_first is None:
             self.batch_first = now
         if self.batch_timer is not None:
             self.batch_timer.cancel()
-        due = min(self.debounce, self.batch_first + MAX_DELAY - now)
+        due = 0.0 if settled else min(self.debounce, self.batch_first + MAX_DELAY - now)
         self.batch_timer = self.reactor.call_later(due, self._run_batch)
 
     def _run_batch(self) -> None:
         self.batch_timer, self.batch_first = None, None
         todo = {pid: t for pid, t in self.dirty.items() if pid in self.registry.vms}
         self.dirty.clear()
-        if not todo:
+        if not todo or self.pool is None:
             return
         cands = [replace(self.registry.vms[pid].cand) for pid in sorted(todo)]
-        per_worker = max(1, -(-len(cands) // self.workers))
-        deadline = self.timeout * per_worker + JOB_SLACK
-        sdir, lvdir, timeout, workers = self.sdir, self.lvdir, self.timeout, self.workers
-        adjust = spec_adjuster(self.cfg)
+        self.batch_no += 1
+        batch = self.batch = Batch(todo, len(cands))
         log.debug("batch of %d VM(s)", len(cands))
+        items = [VmTask(c, self.sdir, self.lvdir, self.timeout, self.cfg.mounts,
+                        self.cfg.default_devices, batch=self.batch_no, bulk=len(cands) > 1)
+                 for c in cands]
 
-        t_start = time.monotonic()
+        def answered(item: VmTask, value: Any, err: str | None) -> None:
+            batch.add(item.cand, value, err)
+            if batch.left == 0:
+                self._batch_done(batch)
 
-        def done(value: Any, err: str | None) -> None:
-            self.batch_job = None
-            self.metrics.batches += 1
-            if err is not None:
-                log.error("batch of %d VM(s) failed: %s", len(cands), err)
-                self.metrics.failures += len(cands)
-            else:
-                self._account(value, todo)
-                log.info("batch of %d VM(s) done in %.3fs (pipeline %.3fs)", len(cands),
-                         time.monotonic() - t_start, value.get("seconds", 0.0))
-                self._retry_failed(value, todo)
-            self._write_metrics()
-            if self.dirty:
-                self._mark(list(self.dirty), min(self.dirty.values()))
+        # two chunks per worker: few hand-overs, and a worker that meets slow VMs
+        # leaves the rest of the batch to the others
+        size = -(-len(items) // (2 * self.pool.size))
+        for k in range(0, len(items), size):
+            self.pool.submit(Task("vm", items[k:k + size], self.timeout, answered))
 
-        self.batch_job = self._start_job(
-            "batch", lambda: _reconnect_job(cands, sdir=sdir, lvdir=lvdir, timeout=timeout,
-                                            workers=workers, adjust=adjust), deadline, done)
+    def _batch_done(self, batch: Batch) -> None:
+        self.batch = None
+        self.metrics.batches += 1
+        report = batch.report().to_dict()
+        self._account(report, batch.todo)
+        log.info("batch of %d VM(s) done in %.3fs (VMs took %.3fs in all)", batch.size,
+                 time.monotonic() - batch.started, sum(o.seconds for o in batch.outcomes))
+        self._retry_failed(report, batch.todo)
+        self._write_metrics()
+        if self.dirty:
+            self._mark(list(self.dirty), min(self.dirty.values()))
 
     def _retry_failed(self, report: dict[str, Any], todo: dict[int, float]) -> None:
         """A VM that failed in a batch (often the host changed under it: a mount that
@@ -476,25 +469,28 @@ class Service:
             origin = "libvirt-hook" if req.op in ("reconnect", "started") else "request"
             cand = Candidate(pid, origin, domain)
         t0 = time.monotonic()
-        sdir, lvdir, adjust = self.sdir, self.lvdir, spec_adjuster(self.cfg)
 
-        def done(value: Any, err: str | None) -> None:
+        def done(_item: VmTask, value: Any, err: str | None) -> None:
+            self.requests -= 1
             if err is not None:
                 conn.done(error(req.id, TIMEOUT if err.startswith("timed out") else FAILED,
                                 err))
                 return
-            outs = value.get("vms", [])
-            if vm is None and any(o.get("status") != "failed" for o in outs):
+            rep = Report([value] if value is not None else [], time.monotonic() - t0)
+            if vm is None and any(o.status != "failed" for o in rep.outcomes):
                 # pinned and checked by the pipeline: from now on the service keeps it
                 self.registry.adopt(replace(cand))
                 self._dev_index = None
-            self._account(value, {pid: t0})
+            out = rep.to_dict()
+            self._account(out, {pid: t0})
             self._write_metrics()
-            conn.done(ok(req.id, value))
+            conn.done(ok(req.id, out))
 
-        self._request_job(req.op, lambda: _reconnect_job(
-            [cand], sdir=sdir, lvdir=lvdir, timeout=req.timeout, workers=1, adjust=adjust,
-            xml=req.xml), req.timeout + JOB_SLACK, done)
+        self.requests += 1
+        task = VmTask(cand, self.sdir, self.lvdir, req.timeout, self.cfg.mounts,
+                      self.cfg.default_devices, xml=req.xml)
+        assert self.pool is not None
+        self.pool.submit(Task("vm", [task], req.timeout, done, urgent=True))
 
     def _req_device(self, conn: Conn, req: Request) -> None:
         from ..repair import device_add, device_remove
@@ -531,7 +527,9 @@ class Service:
                 "vms": len(self.registry.vms), "state_dir": self.sdir,
                 "config": self.cfg.path, "mount_events": self.mountwatch.method,
                 "device_events": bool(self.uevents),
-                "batch_running": self.batch_job is not None, "jobs": len(self.jobs),
+                "batch_running": self.batch is not None,
+                "jobs": len(self.jobs) + self.requests,
+                "workers": self.pool.stats() if self.pool else {},
                 "queued": len(self.queue), "pending_vms": len(self.dirty),
                 "problems": dict(self.registry.problems),
                 "counters": {"drift": self.metrics.drift, "repairs": self.metrics.repairs,
@@ -548,3 +546,27 @@ class Service:
                 self.metrics.write(self.metrics_file)
             except OSError as exc:
                 log.warning("cannot write metrics to %s: %s", self.metrics_file, exc.strerror)
+
+
+class Batch:
+    """One event batch in flight: its VMs' outcomes as they come back."""
+
+    def __init__(self, todo: dict[int, float], size: int) -> None:
+        self.todo = todo  # pid -> monotonic time of its first event
+        self.size = size
+        self.left = size
+        self.started = time.monotonic()
+        self.outcomes: list[Outcome] = []
+
+    def add(self, cand: Candidate, value: Outcome | None, err: str | None) -> None:
+        self.left -= 1
+        if err is not None:
+            code = DeadlineError.exit_code if err.startswith("timed out") else 2
+            self.outcomes.append(Outcome(cand.pid, cand.name, cand.origin, status="failed",
+                                         error=err, error_code=code))
+        elif value is not None:  # None: a recorded VM that exited, forgotten
+            self.outcomes.append(value)
+
+    def report(self) -> Report:
+        outs = sorted(self.outcomes, key=lambda o: (o.name or "", o.pid))
+        return Report(outs, time.monotonic() - self.started)
