@@ -60,8 +60,9 @@ def observe(desired: Desired, host_devs: dict[str, int], *,
                               else f"unusable: {exc.strerror}")
         subs = tuple(h.path for h in desired.mounts if h.under_dev)
         mine = tuple(e for e in desired.entries if not in_submount(e.path, subs))
-        for path in [*parent_dirs(mine, skip=subs), *(e.path for e in mine)]:
-            _observe_entry(root, path, obs)
+        with fsops.DirCache(root) as dirs:
+            for path in [*parent_dirs(mine, skip=subs), *(e.path for e in mine)]:
+                _observe_entry(dirs, path, obs)
         for h in desired.mounts:
             try:
                 obs.mounts[h.path] = _observe_mount(root, h.path, h.fstype, h.pagesize,
@@ -111,11 +112,11 @@ def observe_host(desired: Desired) -> dict[str, bool]:
     return out
 
 
-def _observe_entry(root: int, path: str, obs: Observed) -> None:
+def _observe_entry(dirs: fsops.DirCache, path: str, obs: Observed) -> None:
     rel = path.lstrip("/")
     try:
-        st = fsops.lstat_at(root, rel)
-        target = fsops.readlink_at(root, rel) if st and stat.S_ISLNK(st.st_mode) else None
+        st = fsops.lstat_at(dirs, rel)
+        target = fsops.readlink_at(dirs, rel) if st and stat.S_ISLNK(st.st_mode) else None
     except OSError as exc:
         obs.unsafe[path] = ("a directory on the way is a symlink (not followed)"
                             if exc.errno in (errno.ELOOP, errno.EXDEV)

@@ -71,12 +71,41 @@ def open_dir(base: int, rel: str) -> int:
     return open_path(base, rel, _O_PATH_DIR)
 
 
-def lstat_at(base: int, rel: str) -> os.stat_result | None:
-    """lstat of ``rel`` under ``base``; None when absent.  ELOOP if a *directory
-    component* is a symlink (the leaf itself may be one and is reported as such)."""
+class DirCache:
+    """O_PATH fds of the directories beneath one base fd, each opened (safely) once.
+
+    Only for a phase that changes nothing (observing a namespace): a directory fd
+    opened before a mount was made over it would still show the old one."""
+
+    def __init__(self, base: int) -> None:
+        self.base = base
+        self.fds: dict[str, int] = {}
+
+    def get(self, head: str) -> int:
+        fd = self.fds.get(head)
+        if fd is None:
+            fd = self.fds[head] = open_dir(self.base, head)
+        return fd
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+    def __enter__(self) -> DirCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def lstat_at(dirs: DirCache, rel: str) -> os.stat_result | None:
+    """lstat of ``rel`` under the cache's base; None when absent.  ELOOP if a
+    *directory component* is a symlink (the leaf itself may be one and is reported as
+    such)."""
     head, name = split(rel)
     try:
-        pfd = open_dir(base, head)
+        pfd = dirs.get(head)
     except FileNotFoundError:
         return None
     except NotADirectoryError:
@@ -85,17 +114,11 @@ def lstat_at(base: int, rel: str) -> os.stat_result | None:
         return os.stat(name, dir_fd=pfd, follow_symlinks=False) if name else os.fstat(pfd)
     except FileNotFoundError:
         return None
-    finally:
-        os.close(pfd)
 
 
-def readlink_at(base: int, rel: str) -> str:
+def readlink_at(dirs: DirCache, rel: str) -> str:
     head, name = split(rel)
-    pfd = open_dir(base, head)
-    try:
-        return os.readlink(name, dir_fd=pfd)
-    finally:
-        os.close(pfd)
+    return os.readlink(name, dir_fd=dirs.get(head))
 
 
 def ensure_dirs(base: int, rel: str, mode: int = 0o755,

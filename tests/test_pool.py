@@ -1,0 +1,160 @@
+"""The service's warm worker pool with real forked workers: answers per item, a worker
+past an item's deadline is killed and the rest of its task goes on elsewhere, a worker
+that dies is replaced, urgent tasks start extra workers, nothing is leaked."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from nsmount.faces.service.loop import Reactor
+from nsmount.faces.service.pool import Pool, Task
+
+
+def _echo(x: Any, _ctx: dict[str, Any]) -> Any:
+    return (x, os.getpid())
+
+
+def _sleep(x: float, _ctx: dict[str, Any]) -> int:
+    time.sleep(x)
+    return os.getpid()
+
+
+def _die(_x: Any, _ctx: dict[str, Any]) -> None:
+    os._exit(3)
+
+
+def _raise(_x: Any, _ctx: dict[str, Any]) -> None:
+    raise ValueError("no such thing")
+
+
+def _count(_x: Any, ctx: dict[str, Any]) -> int:
+    ctx["n"] = ctx.get("n", 0) + 1
+    return ctx["n"]  # type: ignore[no-any-return]
+
+
+TASKS = {"echo": _echo, "sleep": _sleep, "die": _die, "raise": _raise, "count": _count}
+
+
+def _run(pool: Pool, reactor: Reactor, tasks: list[Task], want: int,
+         limit: float = 20.0) -> list[tuple[Any, Any, str | None]]:
+    got: list[tuple[Any, Any, str | None]] = []
+    for t in tasks:
+        inner = t.on_item
+
+        def on_item(item: Any, value: Any, err: str | None, inner: Any = inner) -> None:
+            got.append((item, value, err))
+            inner(item, value, err)
+            if len(got) >= want:
+                reactor.stop()
+
+        t.on_item = on_item
+        pool.submit(t)
+    reactor.call_later(limit, reactor.stop)
+    reactor.run()
+    return got
+
+
+def _noop(*_a: Any) -> None:
+    pass
+
+
+def _pool(size: int = 2, max_size: int = 4) -> tuple[Pool, Reactor]:
+    reactor = Reactor()
+    pool = Pool(reactor, TASKS, size=size, max_size=max_size)
+    pool.start()
+    return pool, reactor
+
+
+def test_items_answered_in_warm_workers() -> None:
+    pool, reactor = _pool()
+    try:
+        got = _run(pool, reactor, [Task("echo", list(range(10)), 5, _noop),
+                                   Task("echo", list(range(10, 20)), 5, _noop)], 20)
+        assert sorted(v[0] for _i, v, _e in got) == list(range(20))
+        workers = {v[1] for _i, v, _e in got}
+        assert workers <= {w.pid for w in pool.workers.values()} and os.getpid() not in workers
+        # the same processes again: warm, with the context they keep
+        got = _run(pool, reactor, [Task("count", [None] * 3, 5, _noop)], 3)
+        assert all(e is None for _i, _v, e in got)
+        assert len(pool.workers) == 2
+    finally:
+        pool.close()
+        reactor.close()
+
+
+def test_deadline_kills_the_worker_and_requeues_the_rest() -> None:
+    pool, reactor = _pool(size=1, max_size=1)
+    try:
+        first = next(iter(pool.workers.values())).pid
+        got = _run(pool, reactor, [Task("sleep", [0.0, 30.0, 0.0, 0.0], 0.5, _noop)], 4)
+        errs = [(i, e) for i, _v, e in got if e]
+        assert errs == [(30.0, errs[0][1])] and errs[0][1].startswith("timed out after 0.5s")
+        assert sorted(i for i, _v, e in got if e is None) == [0.0, 0.0, 0.0]
+        assert pool.killed == 1
+        # the killed worker is gone (reaped by the loop), a new one did the rest
+        assert first not in {w.pid for w in pool.workers.values()}
+        reactor.call_later(0.3, reactor.stop)
+        reactor.run()
+        try:
+            os.kill(first, 0)
+            alive = open(f"/proc/{first}/stat").read().split()[2] != "Z"
+        except ProcessLookupError:
+            alive = False
+        assert not alive
+    finally:
+        pool.close()
+        reactor.close()
+
+
+def test_dead_worker_and_raising_task() -> None:
+    pool, reactor = _pool(size=1, max_size=1)
+    try:
+        got = _run(pool, reactor, [Task("die", [1], 5, _noop), Task("raise", [2], 5, _noop),
+                                   Task("echo", [3], 5, _noop)], 3)
+        by = {i: (v, e) for i, v, e in got}
+        assert by[1][1] == "its worker process died"
+        assert by[2][1] == "ValueError: no such thing"
+        assert by[3][0][0] == 3 and by[3][1] is None
+    finally:
+        pool.close()
+        reactor.close()
+
+
+def test_urgent_task_starts_an_extra_worker() -> None:
+    pool, reactor = _pool(size=1, max_size=2)
+    try:
+        done: list[float] = []
+        t0 = time.monotonic()
+        slow = Task("sleep", [1.5], 10, _noop)
+        fast = Task("echo", ["hook"], 10, lambda *_a: done.append(time.monotonic() - t0),
+                    urgent=True)
+        got = _run(pool, reactor, [slow, fast], 2)
+        assert [i for i, _v, _e in got][0] == "hook"  # not stuck behind the slow VM
+        assert done[0] < 1.0
+        assert len(pool.workers) == 2
+    finally:
+        pool.close()
+        reactor.close()
+
+
+def test_close_fails_what_is_left_and_leaks_nothing() -> None:
+    before = len(os.listdir("/proc/self/fd"))
+    pool, reactor = _pool(size=2, max_size=2)
+    got: list[str | None] = []
+    pool.submit(Task("sleep", [10.0, 10.0, 10.0], 30, lambda _i, _v, e: got.append(e)))
+    pool.submit(Task("sleep", [10.0], 30, lambda _i, _v, e: got.append(e)))
+    pool.submit(Task("sleep", [10.0], 30, lambda _i, _v, e: got.append(e)))
+    pids = [w.pid for w in pool.workers.values()]
+    pool.close()
+    assert got == ["the service is stopping"] * 5
+    reactor.call_later(0.5, reactor.stop)
+    reactor.run()  # the loop reaps the killed workers
+    reactor.close()
+    for pid in pids:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+    assert len(os.listdir("/proc/self/fd")) == before
