@@ -11,7 +11,7 @@
     libvirt_state_dir = "/run/libvirt/qemu"
     socket_group = "libvirt"      # socket 0660 root:GROUP; unset: 0600 root only
     timeout = 30                  # seconds per VM before it is abandoned
-    jobs = 0                      # worker processes per batch (0: one per CPU)
+    jobs = 0                      # warm worker processes (0: one per CPU)
     debounce_ms = 50              # quiet time before a batch of events is acted on
     metrics_file = "/var/lib/node_exporter/textfile/nsmount.prom"
 
