@@ -24,12 +24,21 @@ log = logging.getLogger("nsmount.service")
 PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent() -> None:
+def become_child(setup: Callable[[], None] | None = None) -> None:
+    """In a process just forked from the service: its signals are not ours, it leads
+    its own process group (killed as one), and it dies with the service.  ``setup``:
+    the service's cleanup (closing descriptors the child must not hold)."""
+    signal.set_wakeup_fd(-1)  # signals to the child must not wake the service
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    os.setpgid(0, 0)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):
         pass
+    if setup is not None:
+        setup()
 
 
 @dataclass
@@ -78,18 +87,15 @@ class Job:
 
 
 def start(kind: str, fn: Callable[[], Any], *, timeout: float,
-          on_done: Callable[[Any, str | None], None]) -> Job:
+          on_done: Callable[[Any, str | None], None],
+          child_setup: Callable[[], None] | None = None) -> Job:
     r, w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:  # job child: never returns into the loop
         code = 0
         try:
             os.close(r)
-            signal.set_wakeup_fd(-1)  # signals to the child must not wake the service
-            for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGCHLD):
-                signal.signal(sig, signal.SIG_DFL)
-            os.setpgid(0, 0)
-            die_with_parent()
+            become_child(child_setup)
             try:
                 res: tuple[str, Any] = ("ok", fn())
             except BaseException as exc:  # the loop turns it into failures

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .jobs import die_with_parent
+from .jobs import become_child
 from .loop import IN, Reactor, Timer
 
 log = logging.getLogger("nsmount.service")
@@ -288,8 +288,7 @@ class Pool:
             try:
                 os.close(to_w)
                 os.close(from_r)
-                if self.child_setup is not None:
-                    self.child_setup()
+                become_child(self.child_setup)
                 for other in self.workers.values():
                     for fd in (other.rfd, other.wfd, other.pidfd):
                         _close_quietly(fd)
@@ -316,11 +315,6 @@ def _call(task: Task, item: Any, value: Any, err: str | None) -> None:
 
 # ---------------------------------------------------------------------- worker side
 def _worker_main(rfd: int, wfd: int, tasks: dict[str, TaskFn]) -> None:
-    signal.set_wakeup_fd(-1)  # signals to the worker must not wake the service
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGCHLD):
-        signal.signal(sig, signal.SIG_DFL)
-    os.setpgid(0, 0)
-    die_with_parent()
     # what the service built stays untouched by the collector: no copy-on-write of
     # the inherited heap; garbage of the worker's own making is still collected
     gc.freeze()

@@ -394,7 +394,8 @@ class Service:
     # ------------------------------------------------------------------ jobs
     def _start_job(self, kind: str, fn: Callable[[], Any], timeout: float,
                    on_done: Callable[[Any, str | None], None]) -> jobs.Job:
-        job = jobs.start(kind, fn, timeout=timeout, on_done=on_done)
+        job = jobs.start(kind, fn, timeout=timeout, on_done=on_done,
+                         child_setup=self._in_worker)
 
         def readable(_mask: int) -> None:
             while True:
