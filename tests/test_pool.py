@@ -29,12 +29,24 @@ def _raise(_x: Any, _ctx: dict[str, Any]) -> None:
     raise ValueError("no such thing")
 
 
+def _retire(x: Any, ctx: dict[str, Any]) -> Any:
+    ctx["retire"] = "asked to"
+    return x
+
+
+def _stamp(x: tuple[Any, float], _ctx: dict[str, Any]) -> float:
+    t = time.monotonic()
+    time.sleep(x[1])
+    return t
+
+
 def _count(_x: Any, ctx: dict[str, Any]) -> int:
     ctx["n"] = ctx.get("n", 0) + 1
     return ctx["n"]  # type: ignore[no-any-return]
 
 
-TASKS = {"echo": _echo, "sleep": _sleep, "die": _die, "raise": _raise, "count": _count}
+TASKS = {"echo": _echo, "sleep": _sleep, "die": _die, "raise": _raise, "count": _count,
+         "retire": _retire, "stamp": _stamp}
 
 
 def _run(pool: Pool, reactor: Reactor, tasks: list[Task], want: int,
@@ -88,9 +100,9 @@ def test_deadline_kills_the_worker_and_requeues_the_rest() -> None:
     pool, reactor = _pool(size=1, max_size=1)
     try:
         first = next(iter(pool.workers.values())).pid
-        got = _run(pool, reactor, [Task("sleep", [0.0, 30.0, 0.0, 0.0], 0.5, _noop)], 4)
+        got = _run(pool, reactor, [Task("sleep", [0.0, 30.0, 0.0, 0.0], 1.0, _noop)], 4)
         errs = [(i, e) for i, _v, e in got if e]
-        assert errs == [(30.0, errs[0][1])] and errs[0][1].startswith("timed out after 0.5s")
+        assert errs == [(30.0, errs[0][1])] and errs[0][1].startswith("timed out after 1s")
         assert sorted(i for i, _v, e in got if e is None) == [0.0, 0.0, 0.0]
         assert pool.killed == 1
         # the killed worker is gone (reaped by the loop), a new one did the rest
@@ -98,9 +110,9 @@ def test_deadline_kills_the_worker_and_requeues_the_rest() -> None:
         reactor.call_later(0.3, reactor.stop)
         reactor.run()
         try:
-            os.kill(first, 0)
-            alive = open(f"/proc/{first}/stat").read().split()[2] != "Z"
-        except ProcessLookupError:
+            with open(f"/proc/{first}/stat") as fh:
+                alive = fh.read().split()[2] != "Z"
+        except FileNotFoundError:
             alive = False
         assert not alive
     finally:
@@ -131,7 +143,7 @@ def test_urgent_task_starts_an_extra_worker() -> None:
         fast = Task("echo", ["hook"], 10, lambda *_a: done.append(time.monotonic() - t0),
                     urgent=True)
         got = _run(pool, reactor, [slow, fast], 2)
-        assert [i for i, _v, _e in got][0] == "hook"  # not stuck behind the slow VM
+        assert got[0][0] == "hook"  # not stuck behind the slow VM
         assert done[0] < 1.0
         assert len(pool.workers) == 2
     finally:
@@ -158,3 +170,35 @@ def test_close_fails_what_is_left_and_leaks_nothing() -> None:
         except ChildProcessError:
             pass
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_requests_first_come_first_served_and_never_starve_a_batch() -> None:
+    pool, reactor = _pool(size=1, max_size=3)
+    try:
+        batch = Task("stamp", [("batch", 0.2), ("batch", 0.2)], 10, _noop)
+        reqs = [Task("stamp", [(k, 0.3)], 10, _noop, urgent=True) for k in range(4)]
+        got = _run(pool, reactor, [batch, *reqs], 6)
+        started = {i: v for i, v, _e in got}
+        # started in the order they came (finishing order is the workers' business)
+        assert sorted(range(4), key=lambda k: started[(k, 0.3)]) == [0, 1, 2, 3]
+        # at most max_size workers, and the batch was not left waiting for the requests
+        assert len(pool.workers) == 3
+        assert started[("batch", 0.2)] < started[(3, 0.3)]
+
+    finally:
+        pool.close()
+        reactor.close()
+
+
+def test_a_worker_that_retires_after_its_task_loses_nothing() -> None:
+    pool, reactor = _pool(size=1, max_size=1)
+    try:
+        first = next(iter(pool.workers.values())).pid
+        got = _run(pool, reactor, [Task("retire", [1, 2, 3], 5, _noop),
+                                   Task("echo", [4], 5, _noop)], 4)
+        assert sorted((i, e) for i, _v, e in got) == [(1, None), (2, None), (3, None),
+                                                      (4, None)]
+        assert first not in {w.pid for w in pool.workers.values()}
+    finally:
+        pool.close()
+        reactor.close()

@@ -116,19 +116,25 @@ class VmSession:
         if not in_vm:
             return results
         prep = None
-        if any(isinstance(a, (ReplayMount, RelinkMount)) for a in in_vm):
-            prep = prepare_host(in_vm)  # clones and handles, taken on the host
-        self.target.check_alive()
-        syscalls.setns(self.target.nsfd, C.CLONE_NEWNS)
-        ex = Executor(prep, dev_sb=None if rebuild else obs.dev_id)
+        ex = None
+        # everything after the host-side clones sits in the try: a worker serves many
+        # VMs, so neither a clone's fd nor the VM's namespace may outlive a failure
         try:
+            if any(isinstance(a, (ReplayMount, RelinkMount)) for a in in_vm):
+                prep = prepare_host(in_vm)  # clones and handles, taken on the host
+            self.target.check_alive()
+            syscalls.setns(self.target.nsfd, C.CLONE_NEWNS)
+            ex = Executor(prep, dev_sb=None if rebuild else obs.dev_id)
             results += ex.apply(in_vm)
             self.new_dev = ex.dev_sb if rebuild else None
         finally:
-            ex.close()
-            if prep:
-                prep.close()
-            syscalls.setns(host_ns, C.CLONE_NEWNS)
+            try:
+                if ex is not None:
+                    ex.close()
+                if prep:
+                    prep.close()
+            finally:
+                syscalls.setns(host_ns, C.CLONE_NEWNS)
         return results
 
     def _report(self, out: Outcome, obs: Observed, listing: list[dict[str, object]], *,

@@ -13,13 +13,17 @@ wrote, the service only what its own worker built -- never bytes a VM wrote).  A
 is a list of items (VMs); the worker streams back "begin item i" and "result of item
 i" frames without waiting for the service, so a batch costs one hand-over per worker,
 not one per VM.  Each item has a deadline from its "begin": a worker past it is
-killed (SIGKILL to its process group), that item is reported, the task's remaining
-items go back to the front of the queue, and a fresh worker takes over when there is
-work.  A task someone
-waits for (a socket request: the libvirt hook) that finds no idle worker starts an
-extra one, up to ``max_size``, so VMs that freeze workers never hold up the others;
-extra workers leave again after :data:`IDLE_RETIRE` seconds without work.  A worker is
-replaced after :data:`MAX_TASKS` tasks, which bounds what one process can accumulate.
+killed (SIGKILL), that item is reported, the task's remaining items go back to the
+front of their queue, and a fresh worker takes over when there is work.
+
+Two queues, both first come, first served: urgent tasks (a socket request someone
+waits for: the libvirt hook) go before the others and, when no worker is idle, may
+start extra workers up to ``max_size``; but while other tasks wait and no worker
+works on one, the next idle worker takes one of those, so requests can never starve
+the event batches.  Extra workers leave after :data:`IDLE_RETIRE` seconds without
+work; a worker is replaced after :data:`MAX_ITEMS` items, or after a task when it
+asks to be (its ``context["retire"]``: see :mod:`.tasks`), which bounds what one
+process can accumulate.
 """
 
 from __future__ import annotations
@@ -43,28 +47,33 @@ log = logging.getLogger("nsmount.service")
 
 #: seconds an extra worker (beyond ``size``) may stay idle before it leaves
 IDLE_RETIRE = 10.0
-#: tasks one worker runs before it is replaced by a fresh one
-MAX_TASKS = 5000
+#: items (VMs) one worker works on before it is replaced by a fresh one
+MAX_ITEMS = 10000
+#: the shortest deadline an item gets (a client may ask for less; a worker killed at
+#: once would only cost forks)
+MIN_TIMEOUT = 1.0
+#: seconds before a worker that could not be started is tried again, and how often
+SPAWN_RETRY, SPAWN_TRIES = 1.0, 5
 _LEN = struct.Struct("=I")
 #: a frame from a worker: kind, item index, payload length
 _HEAD = struct.Struct("=BII")
 _BEGIN, _DONE, _RAISED, _END = 1, 2, 3, 4
 
-#: a task kind's function, run in a worker: ``fn(payload, context) -> value``
+#: a task kind's function, run in a worker: ``fn(item, context) -> value``
 TaskFn = Callable[[Any, dict[str, Any]], Any]
 
 
 @dataclass
 class Task:
     """``kind``'s function applied to each item; ``on_item(item, value, None)`` or
-    ``on_item(item, None, why)`` is called once per item, in the loop."""
+    ``on_item(item, None, why)`` is called exactly once per item, in the loop."""
 
     kind: str  # a key of the pool's task table
     items: list[Any]
     timeout: float  # seconds per item, from the moment a worker begins it
     on_item: Callable[[Any, Any, str | None], None]
     urgent: bool = False  # someone waits: goes first, and may start an extra worker
-    tries: int = 0  # times a worker was lost before it began any item of this task
+    tries: int = 0  # workers lost before they answered anything of this task
 
 
 @dataclass
@@ -75,9 +84,10 @@ class _Worker:
     rfd: int  # answers from the worker
     task: Task | None = None
     left: dict[int, Any] = field(default_factory=dict)  # index -> item not answered yet
+    answered: int = 0  # items of the current task answered
     current: int | None = None  # index of the item being worked on
     timer: Timer | None = None
-    done: int = 0
+    items: int = 0  # items answered over the worker's life
     idle_since: float = field(default_factory=time.monotonic)
     buf: bytearray = field(default_factory=bytearray)
 
@@ -92,9 +102,12 @@ class Pool:
         #: run in every new worker first (the service closes its own fds there)
         self.child_setup = child_setup
         self.workers: dict[int, _Worker] = {}  # rfd -> worker
-        self.queue: deque[Task] = deque()
+        self.urgent: deque[Task] = deque()
+        self.normal: deque[Task] = deque()
         self.closed = False
         self.killed = 0
+        self.spawn_failures = 0
+        self.retry: Timer | None = None
 
     # ------------------------------------------------------------------ public
     def start(self) -> None:
@@ -103,54 +116,61 @@ class Pool:
             self._spawn()
 
     def submit(self, task: Task) -> None:
-        if task.urgent:
-            self.queue.appendleft(task)
-        else:
-            self.queue.append(task)
+        (self.urgent if task.urgent else self.normal).append(task)
         self._dispatch()
+
+    def fds(self) -> list[int]:
+        """The pool's descriptors (closed in every other child of the service)."""
+        return [fd for w in self.workers.values() for fd in (w.rfd, w.wfd, w.pidfd)]
 
     @property
     def busy(self) -> int:
         return sum(1 for w in self.workers.values() if w.task is not None)
 
     def stats(self) -> dict[str, int]:
-        return {"workers": len(self.workers), "busy": self.busy, "queued": len(self.queue),
-                "killed": self.killed}
+        return {"workers": len(self.workers), "busy": self.busy,
+                "queued": len(self.urgent) + len(self.normal), "killed": self.killed}
 
     def close(self) -> None:
         self.closed = True
+        if self.retry is not None:
+            self.retry.cancel()
         for wk in list(self.workers.values()):
             self._lost(wk, "the service is stopping")
-        while self.queue:
-            t = self.queue.popleft()
-            for item in t.items:
-                _call(t, item, None, "the service is stopping")
+        self._fail_queued("the service is stopping")
 
     # ------------------------------------------------------------------ parent side
     def _idle(self) -> list[_Worker]:
         return [w for w in self.workers.values() if w.task is None]
 
+    def _next(self) -> Task | None:
+        """The task the next idle worker takes (see the module's docstring)."""
+        if self.normal and (not self.urgent or not any(
+                w.task is not None and not w.task.urgent for w in self.workers.values())):
+            return self.normal.popleft()
+        if self.urgent:
+            return self.urgent.popleft()
+        return None
+
     def _dispatch(self) -> None:
-        while self.queue and not self.closed:
+        while (self.urgent or self.normal) and not self.closed:
             idle = self._idle()
             if not idle:
                 want = len(self.workers) < self.size or (
-                    self.queue[0].urgent and len(self.workers) < self.max_size)
-                if not want:
+                    self.urgent and len(self.workers) < self.max_size)
+                if not want or self.retry is not None:
                     return
-                try:
-                    self._spawn()
-                except OSError as exc:
-                    log.error("cannot start a worker process: %s", exc.strerror)
+                if self._spawn() is None:
                     return
                 continue
-            wk = max(idle, key=lambda w: w.done)  # the warmest one
-            task = self.queue.popleft()
-            self._send(wk, task)
+            task = self._next()
+            if task is None:
+                return
+            self._send(max(idle, key=lambda w: w.items), task)  # the warmest one
 
     def _send(self, wk: _Worker, task: Task) -> None:
         data = pickle.dumps((task.kind, task.items), protocol=pickle.HIGHEST_PROTOCOL)
-        wk.task, wk.left, wk.current = task, dict(enumerate(task.items)), None
+        wk.task, wk.left, wk.current, wk.answered = task, dict(enumerate(task.items)), None, 0
         self._arm(wk)
         try:
             # an idle worker sits in read(): the write completes however large it is
@@ -159,6 +179,7 @@ class Pool:
             self._lost(wk, f"its worker process died ({exc.strerror})")
 
     def _readable(self, wk: _Worker) -> None:
+        eof = False
         while True:
             try:
                 chunk = os.read(wk.rfd, 1 << 16)
@@ -167,10 +188,11 @@ class Pool:
             except OSError:
                 chunk = b""
             if not chunk:
-                self._lost(wk, "its worker process died")
-                return
+                eof = True
+                break
             wk.buf += chunk
-        while len(wk.buf) >= _HEAD.size:
+        # what arrived before the end counts: a worker may answer, then leave
+        while len(wk.buf) >= _HEAD.size and wk.rfd in self.workers:
             kind, idx, n = _HEAD.unpack_from(wk.buf)
             if len(wk.buf) < _HEAD.size + n:
                 break
@@ -185,19 +207,26 @@ class Pool:
                 self._finished(wk)
             else:
                 self._answered(wk, idx, kind == _DONE, data)
+        if eof:
+            self._lost(wk, "its worker process died")
+            return
         self._dispatch()
 
     def _arm(self, wk: _Worker) -> None:
-        """(Re)start the deadline of the item the worker works on."""
+        """(Re)start the deadline of what the worker does now."""
         if wk.timer is not None:
             wk.timer.cancel()
         assert wk.task is not None
-        wk.timer = self.reactor.call_later(wk.task.timeout, lambda: self._expired(wk))
+        wk.timer = self.reactor.call_later(max(MIN_TIMEOUT, wk.task.timeout),
+                                           lambda: self._expired(wk))
 
     def _answered(self, wk: _Worker, idx: int, ok: bool, data: bytes) -> None:
         task = wk.task
         assert task is not None
         wk.current = None
+        wk.answered += 1
+        wk.items += 1
+        self._arm(wk)  # the next "begin" (or the end) is due within a deadline too
         item = wk.left.pop(idx, None)
         try:
             value = pickle.loads(data)
@@ -209,13 +238,12 @@ class Pool:
         task, wk.task = wk.task, None
         if wk.timer is not None:
             wk.timer.cancel()
-        wk.done += 1
         wk.idle_since = time.monotonic()
         if task is not None and wk.left:  # items it never answered (cannot happen)
             for item in wk.left.values():
                 _call(task, item, None, "the worker skipped it")
         wk.left = {}
-        if wk.done >= MAX_TASKS:
+        if wk.items >= MAX_ITEMS:
             self._drop(wk, kill=False)  # it reads EOF and leaves
         elif len(self.workers) > self.size:
             self.reactor.call_later(IDLE_RETIRE, self._retire)
@@ -224,27 +252,30 @@ class Pool:
         if wk.task is None or wk.rfd not in self.workers:
             return
         self.killed += 1
-        self._lost(wk, f"timed out after {wk.task.timeout:g}s; the VM's worker was killed "
-                   "and the VM abandoned")
+        t = max(MIN_TIMEOUT, wk.task.timeout)
+        self._lost(wk, f"timed out after {t:g}s; the VM's worker was killed and the VM "
+                   "abandoned")
 
     def _lost(self, wk: _Worker, why: str) -> None:
         """The worker is gone or killed: the item it was on fails with ``why``; the
-        items it had not begun go back to the front of the queue."""
+        items it had not begun go back to the front of their queue (a task whose
+        workers die before answering anything is given up the second time)."""
         task, wk.task = wk.task, None
         self._drop(wk, kill=True)
         if task is not None:
             left = dict(wk.left)
             if wk.current is not None and wk.current in left:
                 _call(task, left.pop(wk.current), None, why)
-            elif left:  # lost before it began anything: once more, then give up
+            elif left and not wk.answered:
                 task.tries += 1
                 if task.tries > 1:
                     for item in left.values():
                         _call(task, item, None, why)
                     left = {}
             if left:
-                self.queue.appendleft(Task(task.kind, list(left.values()), task.timeout,
-                                           task.on_item, task.urgent, task.tries))
+                queue = self.urgent if task.urgent else self.normal
+                queue.appendleft(Task(task.kind, list(left.values()), task.timeout,
+                                      task.on_item, task.urgent, task.tries))
         self._dispatch()
 
     def _retire(self) -> None:
@@ -264,10 +295,12 @@ class Pool:
         for fd in (wk.rfd, wk.wfd):
             os.close(fd)
         if kill:
-            try:
-                os.killpg(wk.pid, signal.SIGKILL)
-            except OSError:
-                pass
+            for send in (lambda: os.killpg(wk.pid, signal.SIGKILL),  # with any children
+                         lambda: signal.pidfd_send_signal(wk.pidfd, signal.SIGKILL)):
+                try:
+                    send()
+                except OSError:
+                    pass
         # reaped when it is gone: a worker stuck in an unkillable wait is never waited for
         self.reactor.add(wk.pidfd, IN, lambda _m: self._reap(wk))
 
@@ -279,19 +312,50 @@ class Pool:
             pass
         os.close(wk.pidfd)
 
-    def _spawn(self) -> _Worker:
+    def _spawn(self) -> _Worker | None:
+        """A new worker, or None when none can be started now (tried again later)."""
+        try:
+            wk = self._fork()
+        except OSError as exc:
+            self.spawn_failures += 1
+            log.error("cannot start a worker process: %s", exc.strerror)
+            if self.spawn_failures >= SPAWN_TRIES and not self.workers:
+                self.spawn_failures = 0
+                self._fail_queued(f"no worker process could be started: {exc.strerror}")
+            elif self.retry is None:
+                self.retry = self.reactor.call_later(SPAWN_RETRY, self._retry_spawn)
+            return None
+        self.spawn_failures = 0
+        return wk
+
+    def _retry_spawn(self) -> None:
+        self.retry = None
+        self._dispatch()
+
+    def _fail_queued(self, why: str) -> None:
+        for queue in (self.urgent, self.normal):
+            while queue:
+                t = queue.popleft()
+                for item in t.items:
+                    _call(t, item, None, why)
+
+    def _fork(self) -> _Worker:
         to_r, to_w = os.pipe2(os.O_CLOEXEC)
         from_r, from_w = os.pipe2(os.O_CLOEXEC)
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            for fd in (to_r, to_w, from_r, from_w):
+                os.close(fd)
+            raise
         if pid == 0:  # the worker: never returns into the loop
             code = 0
             try:
                 os.close(to_w)
                 os.close(from_r)
                 become_child(self.child_setup)
-                for other in self.workers.values():
-                    for fd in (other.rfd, other.wfd, other.pidfd):
-                        _close_quietly(fd)
+                for fd in self.fds():
+                    _close_quietly(fd)
                 _worker_main(to_r, from_w, self.tasks)
             except BaseException:
                 code = 1
@@ -299,8 +363,16 @@ class Pool:
                 os._exit(code)
         os.close(to_r)
         os.close(from_w)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)  # just forked and killed: it goes at once
+            os.close(to_w)
+            os.close(from_r)
+            raise
         os.set_blocking(from_r, False)
-        wk = _Worker(pid, os.pidfd_open(pid), to_w, from_r)
+        wk = _Worker(pid, pidfd, to_w, from_r)
         self.workers[from_r] = wk
         self.reactor.add(from_r, IN, lambda _m: self._readable(wk))
         return wk
@@ -319,7 +391,7 @@ def _worker_main(rfd: int, wfd: int, tasks: dict[str, TaskFn]) -> None:
     # the inherited heap; garbage of the worker's own making is still collected
     gc.freeze()
     context: dict[str, Any] = {}
-    while True:
+    while "retire" not in context:
         head = _read_exact(rfd, _LEN.size)
         if head is None:
             return  # the service closed our pipe: leave
@@ -339,6 +411,7 @@ def _worker_main(rfd: int, wfd: int, tasks: dict[str, TaskFn]) -> None:
             if i + 1 < len(items):
                 pending += _frame(_BEGIN, i + 1)
         _write_all(wfd, pending + _frame(_END, 0))
+    log.warning("worker %d retires: %s", os.getpid(), context["retire"])
 
 
 def _frame(kind: int, idx: int, value: Any = None) -> bytes:

@@ -187,7 +187,8 @@ class Service:
     def _in_worker(self) -> None:
         """In a new worker process: the service's descriptors are not its to hold (a
         client connection kept open there would never see its end)."""
-        fds = [*self.reactor.handlers, self.reactor.ep.fileno(), *getattr(self, "_sigpipe", ())]
+        fds = [*self.reactor.handlers, self.reactor.ep.fileno(), *getattr(self, "_sigpipe", ()),
+               *(self.pool.fds() if self.pool is not None else ())]
         for fd in fds:
             try:
                 os.close(fd)

@@ -9,12 +9,15 @@ request reads it afresh.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 from ...engine.hoststate import HostState
 from ...errors import NsmountError
+from ...kernel import consts as C
+from ...kernel import fsops, syscalls
 from ...model.spec import VmSpec
 from ...pipeline.outcome import Outcome
 from ...pipeline.session import host_ns_fd
@@ -62,9 +65,57 @@ def _host(batch: int | None, ctx: dict[str, Any]) -> HostState:
     return host
 
 
+#: descriptors a worker may gain over its first task before it retires (a leak)
+FD_SLACK = 32
+
+
+def _home(ctx: dict[str, Any]) -> None:
+    """Back in the host's mount namespace before anything is read: whatever the last
+    VM did, nothing here may be resolved through a VM's /proc or /."""
+    if "host_ns" not in ctx:
+        ctx["host_ns"] = host_ns_fd()
+        ctx["ns"] = _my_ns()
+    syscalls.setns(ctx["host_ns"], C.CLONE_NEWNS)
+
+
+def _my_ns() -> tuple[int, int]:
+    st = os.stat("thread-self/ns/mnt", dir_fd=fsops.HOST_PROC)
+    return st.st_dev, st.st_ino
+
+
+def _fd_count() -> int:
+    fd = os.open("thread-self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
+                 dir_fd=fsops.HOST_PROC)
+    try:
+        return len(os.listdir(fd)) - 1
+    finally:
+        os.close(fd)
+
+
+def _checkup(ctx: dict[str, Any]) -> None:
+    """After each VM: a worker that is not back home or holds more descriptors than
+    it started with is retired by the pool once its task is done (``ctx["retire"]``),
+    so one VM's trouble never follows the worker to the next task."""
+    if _my_ns() != ctx["ns"]:
+        ctx["retire"] = "left in another mount namespace"
+        return
+    n = _fd_count()
+    base = ctx.setdefault("fds", n)
+    if n > base + FD_SLACK:
+        ctx["retire"] = f"holds {n - base} more descriptors than it started with"
+
+
 def reconnect_vm(t: VmTask, ctx: dict[str, Any]) -> Outcome | None:
     """The pipeline for one VM: its outcome, or None for a recorded VM that exited
     (forgotten: record and lock dropped)."""
+    _home(ctx)
+    try:
+        return _reconnect_vm(t, ctx)
+    finally:
+        _checkup(ctx)
+
+
+def _reconnect_vm(t: VmTask, ctx: dict[str, Any]) -> Outcome | None:
     cand = t.cand
     if t.xml is not None:
         from ...state.libvirtspec import spec_from_domain_xml
@@ -76,8 +127,6 @@ def reconnect_vm(t: VmTask, ctx: dict[str, Any]) -> Outcome | None:
             cand = replace(cand, error=f"domain XML: {exc.oneline()}")
     if cand.error:
         return unusable(cand)
-    if "host_ns" not in ctx:
-        ctx["host_ns"] = host_ns_fd()
     job = job_for(cand, bulk=t.bulk, sdir=t.sdir, lvdir=t.lvdir, timeout=t.timeout,
                   adjust_spec=spec_adjuster(t.mounts, t.default_devices))
     o = run_safe(job, _host(t.batch, ctx), ctx["host_ns"])
@@ -87,9 +136,9 @@ def reconnect_vm(t: VmTask, ctx: dict[str, Any]) -> Outcome | None:
 def warm_up(_payload: object, ctx: dict[str, Any]) -> None:
     """A new worker's first task: the host reading every VM task needs (and the pages
     it touches) done before a VM waits for it."""
+    _home(ctx)
     _host(None, ctx)
-    if "host_ns" not in ctx:
-        ctx["host_ns"] = host_ns_fd()
+    _checkup(ctx)
 
 
 TASKS: dict[str, Callable[[Any, dict[str, Any]], Any]] = {
