@@ -52,6 +52,8 @@ EXIT_CODES: tuple[tuple[int, str], ...] = (
     (15, "the target's mount namespace is owned by another user namespace, or is not the "
          "one recorded at launch: refused"),
     (16, "the work on a VM passed its deadline (--timeout) and was abandoned"),
+    (17, "the service refused a device fd or bind: its policy does not grant the device to "
+         "this user, or the target is not this user's own VM"),
     (64, "usage error: unknown command or option, a flag the command cannot honour, "
          "a bad value"),
     (66, "an input file (--spec, --domain-xml) cannot be read"),
@@ -257,6 +259,9 @@ def build_parser() -> Parser:
              "device events, VM starts and exits, a local socket)", cmd_serve)
     sp.add_argument("--config", metavar="FILE", help="host configuration (default "
                     "$NSMOUNT_CONFIG or /etc/nsmount/nsmount.conf)")
+    sp.add_argument("--policy", metavar="FILE", help="device policy: which users may have "
+                    "which device fds (default: the config's 'policy', else "
+                    "/etc/nsmount/policy.toml; absent: nothing granted; reloaded on SIGHUP)")
     sp.add_argument("--metrics-file", metavar="PATH",
                     help="write Prometheus text metrics here (atomically)")
     sp.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
@@ -465,16 +470,23 @@ def _fd_to_qmp(args: argparse.Namespace, out: P.Out) -> int:
                          f"{args.fd_to_qmp}")
         return EX_OK
     rows: list[dict[str, Any]] = []
+    opener = None
+    if os.geteuid() != 0:  # a user's launcher: the service opens, as its policy allows
+        from ..faces.fdclient import obtain_device
+
+        def opener(path: str, write: bool) -> fdpass.DeviceFd:
+            return obtain_device(path, pid=pid, write=write, timeout=args.timeout)
     for p in args.paths:
         if starttime(pid) != start:
             from ..errors import NoSuchProcessError
 
             raise NoSuchProcessError(f"pid {pid} was reused during the run")
         dev, fs = fdpass.pass_device(args.fd_to_qmp, p, write=write, expect_pid=pid,
-                                     timeout=args.timeout)
+                                     timeout=args.timeout, opener=opener)
+        via = " (fd from the nsmount service)" if opener is not None else ""
         audit.log_host("pass-fd", dev.node.path, before="-",
                        after=f"{'rw' if write else 'ro'} fd given to {audit.vm_label(name, pid)} "
-                       f"as {fs.path}")
+                       f"as {fs.path}{via}")
         rows.append({**dev.to_dict(), **fs.to_dict()})
     if args.json:
         out.json({"pid": pid, "name": name, "qmp": args.fd_to_qmp, "fds": rows})
@@ -496,7 +508,7 @@ def cmd_serve(args: argparse.Namespace, out: P.Out) -> int:
         logging.getLogger("nsmount").setLevel(logging.INFO if not args.verbose
                                               else logging.DEBUG)
     cfg = config.load(args.config)  # a bad file at start is an error (exit 3)
-    svc = Service(cfg, config_arg=args.config, sdir=args.state_dir,
+    svc = Service(cfg, config_arg=args.config, policy=args.policy, sdir=args.state_dir,
                   lvdir=args.libvirt_state_dir, metrics_file=args.metrics_file,
                   timeout=args.timeout, workers=args.jobs)
     svc.start()

@@ -19,9 +19,11 @@
 A rule matches a peer whose uid (or user name) is in ``users`` or one of whose groups
 (primary or supplementary, id or name) is in ``groups``.  A device pattern is an
 ``fnmatch`` glob matched **per path component** (``*`` never crosses a ``/``:
-``/dev/*`` does not grant ``/dev/disk/by-id/X``) against the path as asked (canonical)
-and against the host node it resolves to; either may match.  ``rw`` grants read-write
-and read-only, ``ro`` read-only.  Nothing is granted that no rule grants: no file, an
+``/dev/*`` does not grant ``/dev/disk/by-id/X``) against the path as asked
+(canonical), before anything on the host is looked at (a refused user learns nothing
+about which nodes exist); a symlink the host's ``/dev`` has there is then followed as
+``nsmount device add`` does (root's ``/dev``, never leaving it).  ``rw`` grants
+read-write and read-only, ``ro`` read-only.  Nothing is granted that no rule grants: no file, an
 empty file, no matching rule -> refused.
 
 This module is pure (no lookups, no I/O): :func:`parse` turns text into a
@@ -65,8 +67,8 @@ class Rule:
         return any(u == uid if isinstance(u, int) else u == user for u in self.users) or \
             any(g in gids if isinstance(g, int) else g in groups for g in self.groups)
 
-    def covers(self, *paths: str) -> bool:
-        return any(glob_match(pat, p) for pat in self.devices for p in paths)
+    def covers(self, path: str) -> bool:
+        return any(glob_match(pat, path) for pat in self.devices)
 
 
 @dataclass(frozen=True)
@@ -86,16 +88,16 @@ class Policy:
         return bool(self.rules)
 
     def decide(self, *, uid: int, user: str | None, gids: frozenset[int],
-               groups: frozenset[str], path: str, node: str, write: bool) -> Decision:
-        """May the peer (uid / name, its groups) have ``path`` (resolving to the host
-        node ``node``) read-write (``write``) or read-only?  The reason names the policy
-        file, so a refused user knows whom to ask."""
+               groups: frozenset[str], path: str, write: bool) -> Decision:
+        """May the peer (uid / name, its groups) have ``path`` read-write (``write``)
+        or read-only?  The reason names the policy file, so a refused user knows whom
+        to ask."""
         where = self.path or "(no policy file)"
         who = f"uid {uid}" + (f" ({user})" if user else "")
-        what = path if path == node else f"{path} ({node})"
+        what = path
         ro_only: Rule | None = None
         for r in self.rules:
-            if not (r.who(uid, user, gids, groups) and r.covers(path, node)):
+            if not (r.who(uid, user, gids, groups) and r.covers(path)):
                 continue
             if r.access == "rw" or not write:
                 return Decision(True, f"{where}:{r.line}: {r.access} for {who}", r)

@@ -40,6 +40,7 @@ from .pool import Pool, Task
 from .tasks import TASKS, VmTask
 from .client import socket_path
 from .config import Config, ConfigError
+from .devgate import DeviceGate
 from .lifecycle import DirWatch, Registry, Vm
 from .loop import IN, Reactor, Timer
 from .metrics import Metrics
@@ -79,9 +80,11 @@ class Service:
     def __init__(self, cfg: Config, *, config_arg: str | None = None,
                  sdir: str | None = None, lvdir: str | None = None,
                  metrics_file: str | None = None, timeout: float | None = None,
-                 workers: int | None = None) -> None:
+                 workers: int | None = None, policy: str | None = None) -> None:
         self.cfg = cfg
         self.config_arg = config_arg
+        self.policy_arg = policy
+        self.gate = DeviceGate(configmod.policy_path(cfg, policy))
         self.sdir = state_dir(sdir or os.environ.get("NSMOUNT_STATE_DIR") or cfg.state_dir)
         self.lvdir = lvdir or os.environ.get("NSMOUNT_LIBVIRT_STATE_DIR") \
             or cfg.libvirt_state_dir
@@ -150,9 +153,11 @@ class Service:
             self.uevents = UeventWatch(self.reactor, self._device_event, self._uevent_overflow)
         except Exception as exc:
             log.warning("device events unavailable: %s", exc)
+        self.gate.load()
         self.server = Server(self.reactor, socket_path(self.sdir),
                              gid=configmod.resolve_gid(self.cfg.socket_group),
-                             dispatch=self._request)
+                             dispatch=self._request,
+                             public=self.gate.policy.grants_anything)
         self._signals()
         self.known_mounts = relevant_mounts(self.cfg.mounts)
         new = self.registry.rescan(scan=True)
@@ -219,6 +224,13 @@ class Service:
             cfg = configmod.load(self.config_arg)
         except ConfigError as exc:
             log.error("%s; keeping the last good configuration", exc.oneline())
+            cfg = self.cfg
+        self.gate.load(configmod.policy_path(cfg, self.policy_arg))
+        try:
+            self.server.set_public(self.gate.policy.grants_anything)
+        except OSError as exc:
+            log.error("socket mode: %s", exc)
+        if cfg is self.cfg:
             return
         old, self.cfg = self.cfg, cfg
         log.info("configuration reloaded from %s", cfg.path or "(defaults)")
@@ -440,8 +452,14 @@ class Service:
             self.queue.append(run)
 
     # ------------------------------------------------------------------ requests
-    def _request(self, conn: Conn, req: Request) -> None:
+    def _request(self, conn: Conn, req: Request, pidfd: int = -1) -> None:
         self.metrics.request(req.op)
+        if req.op == "open-device":
+            self.gate.open_device(conn, req, pidfd)
+            return
+        if req.op == "device-bind":
+            self.gate.device_bind(conn, req, pidfd, self._request_job)
+            return
         try:
             if req.op == "list":
                 conn.done(ok(req.id, {"vms": self.list_vms()}))
@@ -526,7 +544,8 @@ class Service:
         return {"version": VERSION, "pid": os.getpid(),
                 "uptime": round(time.monotonic() - self.started, 3),
                 "vms": len(self.registry.vms), "state_dir": self.sdir,
-                "config": self.cfg.path, "mount_events": self.mountwatch.method,
+                "config": self.cfg.path, "policy": self.gate.policy.path,
+                "policy_rules": len(self.gate.policy.rules), "mount_events": self.mountwatch.method,
                 "device_events": bool(self.uevents),
                 "batch_running": self.batch is not None,
                 "jobs": len(self.jobs) + self.requests,
