@@ -387,7 +387,9 @@ class Server:
         except ProtocolError as exc:
             req, perr = None, exc
         public_op = req is not None and req.op in FD_OPS
-        if not public_op and not self.authorized(conn):
+        # a malformed line gets its error whoever sent it (nothing was done); a valid
+        # request for an op the peer may not use closes the connection
+        if req is not None and not public_op and not self.authorized(conn):
             log.warning("socket: refused a request from uid %d gid %d (pid %d)", conn.uid,
                         conn.gid, conn.peer_pid)
             conn.send(error(None, UNAUTHORIZED, f"uid {conn.uid} may not use this service "
@@ -458,13 +460,15 @@ def _listen(path: str, gid: int | None, public: bool) -> socket.socket:
 
 
 def _set_mode(path: str, gid: int | None, public: bool = False) -> None:
-    """0600 root, 0660 root:GROUP, or (public) 0666; the directory gets search
-    permission for everyone (0711, not listable) while public, and loses it after."""
+    """0600 root, 0660 root:GROUP, or (public) 0666.  The state directory (root's,
+    the service's own) is 0711 while public -- every user may reach the socket by
+    name, nobody else may list it -- and 0700 otherwise (0710 root:GROUP with a
+    socket group)."""
     os.chown(path, 0, 0 if gid is None else gid, follow_symlinks=False)
     os.chmod(path, 0o666 if public else 0o600 if gid is None else 0o660)
     d = os.path.dirname(path)
     st = os.stat(d, follow_symlinks=False)
     if st.st_uid == 0 and stat.S_ISDIR(st.st_mode):
-        mode = stat.S_IMODE(st.st_mode)
-        os.chmod(d, mode | 0o011 if public else mode & ~0o011 if mode & 0o011 == 0o011
-                 else mode)
+        if gid is not None and st.st_gid != gid:
+            os.chown(d, 0, gid, follow_symlinks=False)
+        os.chmod(d, 0o711 if public else 0o700 if gid is None else 0o710)
