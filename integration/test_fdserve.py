@@ -26,6 +26,13 @@ qemu_end_to_end    uid 65534's rootless QEMU (``nsmount exec``), the loop node 0
                    the user gets the fd from the service and ``blockdev-add`` of
                    ``/dev/fdset/N`` works; read-only with ``--json``; ``/dev/vda``:
                    exit 17, one line naming the policy
+bind               ``device-bind`` (item 4) into uid 65534's rootless stand-in VM: the
+                   loop node bound into its /dev (rw; a second time: present), a
+                   read-only grant bound read-only; refused: a symlink the user put at
+                   the target (never followed), /dev/vda (policy), a second user with
+                   the first user's VM, a second user's own VM (policy), the user's
+                   process in the host's namespace and one in a namespace that kept
+                   the host's /dev; the sandbox host's mounts and /dev unchanged
 =================  ====================================================================
 
 The scenario bodies are in integration/scenarios/fdserve.py.
@@ -98,3 +105,21 @@ def test_qemu_end_to_end() -> None:
     assert rc == 0 and json.loads(stdout)["fds"][0]["read_only"] is True, out["ro"]
     assert "d1" in out["nodes"] and out["status"] == "prelaunch", out
     assert out["vm_has_loop"] is False and not out["traceback"]
+
+
+def test_device_bind() -> None:
+    out: dict[str, Any] = in_sandbox(fdserve.bind, timeout=120).json()
+    assert out["before"] is False
+    assert out["rw"]["status"] == "bound" and out["rw"]["read_only"] is False, out["rw"]
+    assert out["rw_again"]["status"] == "present", out["rw_again"]
+    assert out["ro"]["status"] == "bound" and out["ro"]["read_only"] is True, out["ro"]
+    assert out["loop0"] == [True, 7, 0], out
+    assert out["mounts"]["/dev/loop0"][0].startswith("rw"), out["mounts"]
+    assert out["mounts"]["/dev/loop1"][0].startswith("ro"), out["mounts"]
+    for k, words in (("symlink", "already exists in the VM"), ("vda", "nothing matching"),
+                     ("other_pid", "belongs to uid 65534"), ("other_own", "nothing matching"),
+                     ("plain", "rootless VMs only"), ("keeps_host_dev", "the host mounts")):
+        assert out[k][:2] == ["DeniedError", 17], (k, out[k])
+        assert words in out[k][2], (k, out[k])
+    assert out["unchanged"] and out["alive"] and not out["traceback"], out
+    assert any("granted uid=65534" in ln for ln in out["log"]), out["log"]

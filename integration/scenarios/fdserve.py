@@ -43,9 +43,9 @@ def fd_count(pid: int) -> int:
 
 
 def as_nobody(*argv: str, uid: int = NOBODY) -> subprocess.Popen[bytes]:
-    """A stand-in VM process of ``uid`` (``sleep``), for its pidfd."""
+    """A stand-in VM process of ``uid`` (ending as ``sleep``), for its pidfd."""
     p = subprocess.Popen([*as_user(uid), *argv])
-    wait_for(lambda: comm(p.pid) == argv[0],
+    wait_for(lambda: comm(p.pid) == "sleep",
              f"{argv[0]} as {uid}", 10)
     return p
 
@@ -164,6 +164,69 @@ def qemu_end_to_end() -> None:
             svc.wait(10)
     res["loop"] = loop
     res["traceback"] = "Traceback" in read_text(LOG)
+    emit(**res)
+
+
+def bind() -> None:
+    """``device-bind``: the policy's nodes bound into the user's rootless VM's /dev
+    through the service; refusals for everything else."""
+    from .rootless import host_snapshot, mounts_by_point
+
+    with open(POLICY, "w") as fh:
+        fh.write(f"""[[allow]]
+users = [{NOBODY}]
+devices = ["/dev/loop0", "/dev/loop3"]
+access = "rw"
+
+[[allow]]
+users = [{NOBODY}]
+devices = ["/dev/loop1"]
+access = "ro"
+""")
+    svc = serve("--policy", POLICY)
+    res: dict[str, Any] = {}
+    vms = []
+    try:
+        spec = write_spec("/tmp/vm.toml", name="b", devices=[])
+        vm = start_vm(spec=spec, script="ln -s /etc/shadow /dev/loop3", user=NOBODY)
+        vms.append(vm)
+        pid = vm.pid
+        before = host_snapshot()
+        res["before"] = os.path.lexists(f"/proc/{pid}/root/dev/loop0")
+        res["rw"] = client("bind", pid, "/dev/loop0", 1)
+        res["rw_again"] = client("bind", pid, "/dev/loop0", 1)
+        res["ro"] = client("bind", pid, "/dev/loop1", 1)
+        st = os.stat(f"/proc/{pid}/root/dev/loop0")
+        res["loop0"] = [stat.S_ISBLK(st.st_mode), os.major(st.st_rdev), os.minor(st.st_rdev)]
+        mi = mounts_by_point(pid)
+        res["mounts"] = {k: mi.get(k, "").split(" - ")[0].split()[5:6]
+                         for k in ("/dev/loop0", "/dev/loop1")}
+        res["symlink"] = client("bind", pid, "/dev/loop3", 1)
+        res["vda"] = client("bind", pid, "/dev/vda", 1)
+        # a second user: with the first user's VM, and with a rootless VM of its own
+        res["other_pid"] = client("bind", pid, "/dev/loop0", 1, uid=OTHER)
+        other_vm = start_vm(spec=write_spec("/tmp/o.toml", name="o", devices=[]),
+                            script=":", user=OTHER)
+        vms.append(other_vm)
+        res["other_own"] = client("bind", other_vm.pid, "/dev/loop0", 1, uid=OTHER)
+        # the user's own processes that are not an nsmount-built rootless VM
+        plain = as_nobody("sleep", "1000")
+        keeps_dev = as_nobody("unshare", "-Urm", "sleep", "1000")
+        res["plain"] = client("bind", plain.pid, "/dev/loop0", 1)
+        res["keeps_host_dev"] = client("bind", keeps_dev.pid, "/dev/loop0", 1)
+        for p in (plain, keeps_dev):
+            p.kill()
+            p.wait()
+        res["unchanged"] = host_snapshot() == before
+        res["alive"] = service_up(svc)
+        log = read_text(LOG)
+        res["traceback"] = "Traceback" in log
+        res["log"] = [ln for ln in log.splitlines() if "device-bind:" in ln]
+    finally:
+        for v in vms:
+            stop(v)
+        svc.terminate()
+        svc.wait(10)
     emit(**res)
 
 
@@ -295,5 +358,18 @@ def _answer_raw(data: bytes, fds: list[int]) -> Any:
     return ans.get("error", ans)
 
 
+def user_bind(pid: str, path: str, write: str) -> None:
+    """``fdclient.bind_device`` as this user: the result, or the error."""
+    from nsmount.errors import NsmountError
+    from nsmount.faces.fdclient import bind_device
+
+    try:
+        print(json.dumps(bind_device(path, pid=int(pid), write=write == "1",
+                                     socket_path=SOCK)))
+    except NsmountError as exc:
+        print(json.dumps([type(exc).__name__, exc.exit_code, str(exc)]))
+
+
 if __name__ == "__main__":  # the unprivileged clients
-    {"good": user_good, "attacks": user_attacks}[sys.argv[1]](*sys.argv[2:])
+    {"good": user_good, "attacks": user_attacks,
+     "bind": user_bind}[sys.argv[1]](*sys.argv[2:])

@@ -25,6 +25,7 @@ from typing import Any
 
 from ..errors import DeniedError, NoSuchProcessError, NsmountError
 from ..model.devnode import KIND_BITS, Entry
+from ..model.display import safe_line
 from ..model.paths import canonical
 from ..state.record import DEFAULT_STATE_DIR
 from .fdpass import DeviceFd
@@ -114,12 +115,15 @@ def connect(path: str, timeout: float) -> socket.socket:
 
 
 def raise_refusal(ans: dict[str, Any], what: str) -> None:
+    """The service's error answer as an NsmountError: ``denied``/``bad-pidfd``/
+    ``unauthorized`` are DeniedError (exit 17), the rest exit 2.  ``what``: e.g.
+    ``open /dev/vda``."""
     raw = ans.get("error")
     err: dict[str, Any] = raw if isinstance(raw, dict) else {}
-    code, msg = str(err.get("code", "error")), str(err.get("message", ""))[:1000]
+    code, msg = str(err.get("code", "error")), safe_line(str(err.get("message", ""))[:1000])
     if code in ("denied", "bad-pidfd", "unauthorized"):
-        raise DeniedError(f"the nsmount service refused {what}: {msg}")
-    raise NsmountError(f"the nsmount service could not give {what}: {code}: {msg}")
+        raise DeniedError(f"the nsmount service refused to {what}: {msg}")
+    raise NsmountError(f"the nsmount service could not {what}: {code}: {msg}")
 
 
 def obtain_device(path: str, *, pid: int, write: bool = True, socket_path: str | None = None,
@@ -157,7 +161,7 @@ def obtain_device(path: str, *, pid: int, write: bool = True, socket_path: str |
         os.close(pidfd)
     if not ans.get("ok"):
         _close(fds)
-        raise_refusal(ans, f"{path}")
+        raise_refusal(ans, f"open {path}")
     try:
         return _checked(ans.get("result"), fds, write)
     except BaseException:
@@ -184,3 +188,36 @@ def _checked(res: Any, fds: list[int], write: bool) -> DeviceFd:
         return DeviceFd(fd, str(res["path"]), entry, write)
     except (KeyError, TypeError, ValueError):
         raise NsmountError("malformed answer from the nsmount service") from None
+
+
+def bind_device(path: str, *, pid: int, write: bool = True, socket_path: str | None = None,
+                timeout: float = 30.0) -> dict[str, Any]:
+    """Ask the service to bind the host node ``path`` into the caller's rootless VM
+    ``pid`` (``device-bind``; read-only when ``write`` is false or the policy grants
+    only that).  Returns the service's result (``path``, ``node``, ``read_only``,
+    ``status`` ``bound`` or ``present``).  DeniedError (exit 17) when refused."""
+    path = canonical(path, what="device path")
+    deadline = time.monotonic() + timeout + 10.0
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        raise NoSuchProcessError(f"pid {pid} does not exist") from None
+    try:
+        s = connect(socket_path or service_socket(), timeout + 10.0)
+        try:
+            ans, fds = request_fd(s, {"op": "device-bind", "path": path, "write": write,
+                                      "timeout": min(timeout, 300.0)}, pidfd, deadline)
+        except TimeoutError:
+            raise NsmountError(f"no answer from the nsmount service within {timeout:g}s") \
+                from None
+        finally:
+            s.close()
+    finally:
+        os.close(pidfd)
+    _close(fds)  # this answer carries none; whatever came is not kept
+    if not ans.get("ok"):
+        raise_refusal(ans, f"bind {path}")
+    res = ans.get("result")
+    if not isinstance(res, dict):
+        raise NsmountError("malformed answer from the nsmount service")
+    return res

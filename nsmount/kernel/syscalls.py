@@ -327,3 +327,13 @@ def userns_owner_uid(userns_fd: int) -> int:
     buf = bytearray(4)
     fcntl.ioctl(userns_fd, C.NS_GET_OWNER_UID, buf)
     return int(struct.unpack("=I", buf)[0])
+
+
+def set_fsids(uid: int, gid: int) -> None:
+    """``setfsgid`` + ``setfsuid`` of the calling thread: files it creates belong to
+    ``uid:gid`` and a filesystem of a user namespace where root is not mapped accepts
+    them; capabilities other than the file ones (CAP_SYS_ADMIN) are kept."""
+    _libc.setfsgid(_UINT(gid))
+    _libc.setfsuid(_UINT(uid))
+    if _libc.setfsuid(_UINT(0xFFFFFFFF)) != uid or _libc.setfsgid(_UINT(0xFFFFFFFF)) != gid:
+        raise OSError(errno.EPERM, f"cannot act as {uid}:{gid} on the filesystem")

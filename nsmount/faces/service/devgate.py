@@ -26,12 +26,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ...errors import NsmountError
+from ...errors import DeniedError, NsmountError, RefusedError
 from ...kernel import syscalls
-from ...model.display import escape_name
+from ...model.display import escape_name, safe_line
 from ...model.policy import Policy, PolicyError
 from . import config as configmod
-from .protocol import BAD_PIDFD, DENIED, FAILED, Request, error, ok
+from .protocol import BAD_PIDFD, DENIED, FAILED, TIMEOUT, Request, error, ok
 from .server import Conn
 
 log = logging.getLogger("nsmount.service")
@@ -146,20 +146,75 @@ class DeviceGate:
                 raise Refused(FAILED, exc.oneline()) from None
         except Refused as exc:
             log.warning("open-device: refused uid=%d pid=%d path=%s access=%s: %s", conn.uid,
-                        pid, escape_name(path), access, escape_name(exc.message))
+                        pid, escape_name(path), access, safe_line(exc.message))
             conn.done(error(req.id, exc.code, exc.message))
             return
         finally:
             os.close(pidfd)
         log.info("open-device: granted uid=%d pid=%d path=%s node=%s access=%s (%s)",
                  conn.uid, pid, escape_name(path), escape_name(dev.node.path), access,
-                 escape_name(granted))
+                 safe_line(granted))
         result: dict[str, Any] = {**dev.to_dict(), "pid": pid}
         conn.done(ok(req.id, result), dev.fd)
         dev.fd = -1  # the connection owns it now
 
     # ------------------------------------------------------------------ device-bind
     def device_bind(self, conn: Conn, req: Request, pidfd: int,
-                    start_job: Callable[..., None]) -> None:
-        os.close(pidfd)
-        conn.done(error(req.id, FAILED, "device-bind is not implemented yet"))
+                    start_job: Callable[[str, Callable[[], Any], float,
+                                         Callable[[Any, str | None], None]], None]) -> None:
+        """Answer ``device-bind``: the pidfd and the policy are checked here, in the
+        loop; the bind itself (:func:`nsmount.faces.devbind.bind_device`) runs in a
+        forked job under the request's deadline.  ``pidfd`` is closed once the job has
+        its own copy."""
+        from ..devbind import bind_device
+
+        path = str(req.path)
+        pid = -1
+        try:
+            try:
+                pid = self.vm_of(conn, pidfd).pid
+                try:
+                    reason = self.decide(conn, path, req.write)
+                    read_only = not req.write
+                except Refused as first:
+                    if not req.write:
+                        raise
+                    try:  # a read-only grant: a read-only bind
+                        reason = self.decide(conn, path, False)
+                    except Refused:
+                        raise first from None
+                    read_only = True
+            except Refused as exc:
+                log.warning("device-bind: refused uid=%d pid=%d path=%s: %s", conn.uid, pid,
+                            escape_name(path), safe_line(exc.message))
+                conn.done(error(req.id, exc.code, exc.message))
+                os.close(pidfd)
+                return
+        except BaseException:
+            os.close(pidfd)
+            raise
+        uid, gid = conn.uid, conn.gid
+
+        def work() -> dict[str, Any]:
+            try:
+                return bind_device(pidfd, uid, gid, path, read_only=read_only)
+            except NsmountError as exc:  # not this user's rootless VM, or its /dev
+                return {"status": "failed", "error": exc.oneline(),  # is in the way
+                        "denied": isinstance(exc, (DeniedError, RefusedError))}
+
+        def done(value: Any, err: str | None) -> None:
+            os.close(pidfd)
+            if err is None and value.get("status") != "failed":
+                log.info("device-bind: granted uid=%d pid=%d path=%s node=%s %s (%s): %s",
+                         uid, pid, escape_name(path), escape_name(value.get("node", "")),
+                         "ro" if read_only else "rw", safe_line(reason), value["status"])
+                conn.done(ok(req.id, {**value, "pid": pid}))
+                return
+            msg = err if err is not None else str(value.get("error"))
+            code = TIMEOUT if err and err.startswith("timed out") else \
+                DENIED if value and value.get("denied") else FAILED
+            log.warning("device-bind: refused uid=%d pid=%d path=%s: %s", uid, pid,
+                        escape_name(path), safe_line(msg))
+            conn.done(error(req.id, code, msg))
+
+        start_job("device-bind", work, req.timeout + 5.0, done)
