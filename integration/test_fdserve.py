@@ -32,7 +32,9 @@ bind               ``device-bind`` (item 4) into uid 65534's rootless stand-in V
                    the target (never followed), /dev/vda (policy), a second user with
                    the first user's VM, a second user's own VM (policy), the user's
                    process in the host's namespace and one in a namespace that kept
-                   the host's /dev; the sandbox host's mounts and /dev unchanged
+                   the host's /dev; ``nsmount device add`` by the user (exit 1 bound,
+                   0 present, 17 refused); the sandbox host's mounts and /dev
+                   unchanged
 =================  ====================================================================
 
 The scenario bodies are in integration/scenarios/fdserve.py.
@@ -121,5 +123,11 @@ def test_device_bind() -> None:
                      ("plain", "rootless VMs only"), ("keeps_host_dev", "the host mounts")):
         assert out[k][:2] == ["DeniedError", 17], (k, out[k])
         assert words in out[k][2], (k, out[k])
+    rc, stdout, _ = out["cli"]
+    assert rc == 1 and stdout.startswith("bound: /dev/loop4"), out["cli"]
+    assert out["cli_again"][0] == 0 and "present" in out["cli_again"][1], out["cli_again"]
+    rc, _, err = out["cli_vda"]
+    assert rc == 17 and err.strip().startswith("nsmount: error:"), out["cli_vda"]
+    assert "/tmp/policy.toml" in err and "\n" not in err.strip(), err
     assert out["unchanged"] and out["alive"] and not out["traceback"], out
     assert any("granted uid=65534" in ln for ln in out["log"]), out["log"]

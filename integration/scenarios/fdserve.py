@@ -175,7 +175,7 @@ def bind() -> None:
     with open(POLICY, "w") as fh:
         fh.write(f"""[[allow]]
 users = [{NOBODY}]
-devices = ["/dev/loop0", "/dev/loop3"]
+devices = ["/dev/loop0", "/dev/loop3", "/dev/loop4"]
 access = "rw"
 
 [[allow]]
@@ -202,6 +202,13 @@ access = "ro"
         res["mounts"] = {k: mi.get(k, "").split(" - ")[0].split()[5:6]
                          for k in ("/dev/loop0", "/dev/loop1")}
         res["symlink"] = client("bind", pid, "/dev/loop3", 1)
+        # the CLI: a non-root `nsmount device add` asks the service
+        c = nsm("device", "add", f"pid:{pid}", "/dev/loop4", user=NOBODY)
+        res["cli"] = [c.returncode, c.stdout, c.stderr]
+        c = nsm("device", "add", f"pid:{pid}", "/dev/loop4", user=NOBODY)
+        res["cli_again"] = [c.returncode, c.stdout, c.stderr]
+        c = nsm("device", "add", f"pid:{pid}", "/dev/vda", user=NOBODY)
+        res["cli_vda"] = [c.returncode, c.stdout, c.stderr]
         res["vda"] = client("bind", pid, "/dev/vda", 1)
         # a second user: with the first user's VM, and with a rootless VM of its own
         res["other_pid"] = client("bind", pid, "/dev/loop0", 1, uid=OTHER)

@@ -223,7 +223,9 @@ def build_parser() -> Parser:
                             "the VM's QEMU over this QMP socket (add-fd); prints the "
                             "/dev/fdset/N path for blockdev-add")
             dp.add_argument("--read-only", action="store_true",
-                            help="with --fd-to-qmp: open the devices read-only")
+                            help="with --fd-to-qmp: open the devices read-only; as a "
+                            "non-root user (the service binds into the user's rootless "
+                            "VM): bind them read-only")
 
     sp = add("run-in", "run a command inside a VM's mount namespace", cmd_run_in)
     sp.add_argument("target", metavar="TARGET", help="PID, pid:N or a libvirt domain name")
@@ -435,13 +437,42 @@ def cmd_device(args: argparse.Namespace, out: P.Out) -> int:
 
     if getattr(args, "fd_to_qmp", None):
         return _fd_to_qmp(args, out)
-    _forbid(args, "goes with --fd-to-qmp", "--read-only")
+    if args.device_cmd == "add" and os.geteuid() != 0:
+        return _bind_via_service(args, out)
+    _forbid(args, "goes with --fd-to-qmp (or, for a non-root user, the service's "
+            "device-bind)", "--read-only")
     fn = device_add if args.device_cmd == "add" else device_remove
     o = fn(args.target, args.paths, dry_run=args.dry_run, **_kw(args))
     audit.log_outcome(o)
     _summary(o)
     out.json(o.to_dict()) if args.json else P.outcome(out, o, verb=args.device_cmd)
     return outcome_exit(o)
+
+
+def _bind_via_service(args: argparse.Namespace, out: P.Out) -> int:
+    """``device add TARGET PATH...`` by a non-root user: the service binds each node
+    into the user's own rootless VM, as its device policy allows (``device-bind``).
+    Exit 1 when something was bound, 0 when everything was there already."""
+    from ..faces.fdclient import bind_device
+    from ..state.sources import resolve_target
+
+    _forbid(args, "does not apply to the service's device-bind (a non-root user)",
+            "--spec", "--domain-xml")
+    pid, name = resolve_target(args.target, lvdir=args.libvirt_state_dir)
+    write = not args.read_only
+    if args.dry_run:
+        for p in args.paths:
+            out.line(f"would ask the nsmount service to bind {p} "
+                     f"({'read-write' if write else 'read-only'}) into pid {pid}")
+        return EX_OK
+    rows = [bind_device(p, pid=pid, write=write, timeout=args.timeout) for p in args.paths]
+    if args.json:
+        out.json({"pid": pid, "name": name, "via": "service", "devices": rows})
+    else:
+        for r in rows:
+            out.line(f"{r.get('status')}: {r.get('path')} ({r.get('node')}, "
+                     f"{'read-only' if r.get('read_only') else 'read-write'}) in pid {pid}")
+    return EX_CHANGED if any(r.get("status") == "bound" for r in rows) else EX_OK
 
 
 def _fd_to_qmp(args: argparse.Namespace, out: P.Out) -> int:
