@@ -12,8 +12,10 @@ hostile            socket 0666 / dir 0711 while the policy grants something; a g
                    fd that is not a pidfd, two fds, 200 fds, the pidfd of root's
                    process, /dev/vda (the reason names the policy), outside /dev, '..';
                    a pidfd on ``list`` (unauthorized, fd closed); malformed, garbage and
-                   oversized requests; 1000 requests on one connection; 50 clients
-                   that go before the answer; 50 concurrent clients; a second user
+                   oversized requests; a line trickled one byte + one fd per write
+                   (500 fds: refused; mid-line the service holds at most one);
+                   1000 requests on one connection; 50 clients that go before the
+                   answer; 50 concurrent clients; a second user
                    with the first user's VM's pidfd (refused) and with its own (not in
                    the policy: refused); root's ``status`` with 1 fd attached
                    (answered, fd closed) and with 3 (refused); the service's open
@@ -62,6 +64,7 @@ def test_hostile_clients() -> None:
     for k in ("no_pidfd", "not_a_pidfd", "two_fds", "root_pidfd"):
         assert a[k][1] == 0 and a[k][0]["code"] in ("bad-pidfd", "bad-request"), (k, a[k])
     assert "none came" in a["no_pidfd"][0]["message"]
+    assert "2 came" in a["two_fds"][0]["message"] or "more than 1" in a["two_fds"][0]["message"]
     assert "not a pidfd" in a["not_a_pidfd"][0]["message"]
     assert "belongs to uid 0" in a["root_pidfd"][0]["message"], a["root_pidfd"]
     assert a["many_fds"][0]["code"] == "bad-request" and a["many_fds"][1] == 0, a["many_fds"]
@@ -72,6 +75,7 @@ def test_hostile_clients() -> None:
     assert a["malformed"][0]["code"] == "bad-request", a["malformed"]
     assert a["garbage"]["code"] in ("bad-request", "unauthorized"), a["garbage"]
     assert a["oversized"]["code"] == "too-large", a["oversized"]
+    assert a["trickle"]["code"] == "bad-request" and "fd" in a["trickle"]["message"], a
     assert a["thousand"] == 1000
     assert a["concurrent"] == [7] * 50, a["concurrent"]
     other = out["other_user"]
@@ -79,6 +83,8 @@ def test_hostile_clients() -> None:
     own = out["other_user_own"]
     assert own[:2] == ["DeniedError", 17] and "nothing matching" in own[2], own
     assert out["root_status_with_fds"] == [True, "bad-request"], out["root_status_with_fds"]
+    assert out["held_mid_line"] <= 2, out["held_mid_line"]
+    assert out["held_answer"]["code"] == "bad-request", out["held_answer"]
     before, after = out["fds"]
     assert before == after, out["fds"]
     assert "/tmp/policy.toml:5: rule 2:" in out["bad_policy"], out["bad_policy"]

@@ -89,9 +89,21 @@ def hostile() -> None:
             socket.send_fds(s, [b'{"v":1,"op":"status","id":9}\n'], fds)
             ans = json.loads(s.makefile().readline())
             got.append(ans["ok"] or ans["error"]["code"])
-        os.close(pidfd)
         res["root_status_with_fds"] = got
         s.close()
+        # a line still arriving, one byte and one fd per write: held fds never pile up
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(SOCK)
+        req = b'{"v":1,"op":"status","id":10}\n'
+        socket.send_fds(s, [req[:1]], [pidfd])
+        for _ in range(300):
+            socket.send_fds(s, [b" "], [pidfd])
+        time.sleep(0.3)
+        res["held_mid_line"] = fd_count(svc.pid) - before  # the connection + 1 fd
+        s.sendall(req[1:])
+        res["held_answer"] = json.loads(s.makefile().readline()).get("error")
+        s.close()
+        os.close(pidfd)
         time.sleep(0.3)
         res["fds"] = [before, fd_count(svc.pid)]
         # a bad policy on SIGHUP: one line naming file and line; the last good one kept
@@ -314,6 +326,16 @@ def user_attacks(pid_s: str, root_pid_s: str) -> None:
     res["malformed"] = _ask(_conn(), {"op": "open-device", "path": 7}, [pidfd])
     res["garbage"] = _answer_raw(b"\x00\xff{{{\n", [null])
     res["oversized"] = _answer_raw(b"x" * (5 << 20), [pidfd])
+    # one byte and one fd per write, 500 times, then the end of the line: the service
+    # never holds more than one of them and refuses the line
+    c = _conn()
+    req = json.dumps({"v": 1, **good}).encode() + b"\n"
+    socket.send_fds(c, [req[:1]], [null])
+    for _ in range(499):
+        socket.send_fds(c, [b" "], [null])
+    c.sendall(req[1:])
+    res["trickle"] = _answer(c)[0].get("error")
+    c.close()
     # 1000 requests on one connection, each answered with an fd
     ok = 0
     for _ in range(1000):

@@ -156,12 +156,21 @@ class Conn:
             self.infds.append((at, fd))
         if flags & socket.MSG_CTRUNC:
             self.infds.append((at, None))
-        if fds or flags & socket.MSG_CTRUNC:
-            if not data:  # fds with no byte cannot happen on a stream; never keep them
-                self._drop_fds(at + 1)
-            elif len(self.inbuf) + len(data) > MAX_REQUEST:
-                self._drop_fds(at + len(data))
+        if (fds or flags & socket.MSG_CTRUNC) and not data:
+            self._drop_fds(at + 1)  # fds with no byte cannot happen on a stream
         return data
+
+    def _trim_fds(self) -> None:
+        """After the complete lines are taken: the fds left belong to the line still
+        arriving.  Keep at most MAX_REQUEST_FDS of them (one byte and one fd per write
+        must not pile up fds in the service); the rest are closed and the line is
+        marked to be refused."""
+        real = [e for e in self.infds if e[1] is not None]
+        if len(real) <= MAX_REQUEST_FDS:
+            return
+        keep = real[:MAX_REQUEST_FDS]
+        close_fds([fd for _, fd in real[MAX_REQUEST_FDS:] if fd is not None])
+        self.infds = deque([*keep, (keep[-1][0], None)])
 
     def _take_fds(self, end: int) -> tuple[list[int], bool]:
         """The fds that came with bytes before stream offset ``end`` (one request line),
@@ -196,7 +205,7 @@ class Conn:
                     except OSError:
                         pass
                     self.server.reactor.modify(self.fd, IN)
-                return
+                break
             line = bytes(self.inbuf[:nl]).rstrip(b"\r")
             del self.inbuf[:nl + 1]
             self.in_off += nl + 1
@@ -206,6 +215,7 @@ class Conn:
                 close_fds(fds)
                 continue
             self.server.handle_line(self, line, fds, trunc)
+        self._trim_fds()
 
     def _swallow(self) -> None:
         try:
@@ -409,10 +419,11 @@ class Server:
                             "to a request; all were closed"))
             return
         if public_op and len(fds) != 1:
-            log.warning("%s: refused uid %d pid %d path %s: no pidfd attached", req.op,
-                        conn.uid, conn.peer_pid, req.path)
+            came = "none came" if not fds else f"{len(fds)} came (all closed)"
+            log.warning("%s: refused uid=%d pid=%d path=%s: %s fds attached", req.op,
+                        conn.uid, conn.peer_pid, req.path, len(fds))
             conn.send(error(req.id, BAD_PIDFD, f"{req.op} needs the pidfd of the VM's process "
-                            "attached with SCM_RIGHTS (exactly one fd); none came"))
+                            f"attached with SCM_RIGHTS (exactly one fd); {came}"))
             return
         if conn.pending >= MAX_PENDING:
             conn.send(error(req.id, BUSY, f"more than {MAX_PENDING} requests in flight on "
