@@ -7,9 +7,10 @@ processes (uid 65534, and 65533 as a second user the policy does not name).
 =================  ====================================================================
 test               checks
 =================  ====================================================================
-hostile            socket 0666 / dir 0711 while the policy grants something; a granted
-                   request gets a loop device fd (never a path); refused: no pidfd, an
-                   fd that is not a pidfd, two fds, 200 fds, the pidfd of root's
+hostile            a bad policy at start-up: exit 3, one line; socket 0666 / dir 0711
+                   while the policy grants something; a granted request gets a loop
+                   device fd (never a path); refused: no pidfd, an fd that is not a
+                   pidfd, two fds, 200 fds, the pidfd of root's
                    process, /dev/vda (the reason names the policy), outside /dev, '..';
                    a pidfd on ``list`` (unauthorized, fd closed); malformed, garbage and
                    oversized requests; a line trickled one byte + one fd per write
@@ -57,6 +58,8 @@ pytestmark = privileged
 
 def test_hostile_clients() -> None:
     out: dict[str, Any] = in_sandbox(fdserve.hostile, timeout=120).json()
+    rc, err = out["bad_at_start"]
+    assert rc == 3 and "/tmp/policy.toml:1: rule 1: 'access'" in err, out["bad_at_start"]
     assert out["modes"] == ["0o666", "0o711"], out["modes"]
     a = out["attacks"]
     res, n = a["good"]

@@ -65,9 +65,12 @@ def service_up(svc: subprocess.Popen[bytes]) -> bool:
 def hostile() -> None:
     """The hostile clients of the issue against the real service; fd count stable."""
     with open(POLICY, "w") as fh:
+        fh.write("[[allow]]\nusers = [1]\ndevices = ['/dev/x']\naccess = 'all'\n")
+    c = nsm("serve", "--policy", POLICY, timeout=30)
+    res: dict[str, Any] = {"bad_at_start": [c.returncode, c.stderr]}
+    with open(POLICY, "w") as fh:
         fh.write(GRANT)
     svc = serve("--policy", POLICY)
-    res: dict[str, Any] = {}
     res["modes"] = [oct(stat.S_IMODE(os.stat(SOCK).st_mode)),
                     oct(stat.S_IMODE(os.stat(os.path.dirname(SOCK)).st_mode))]
     vm = as_nobody("sleep", "1000")

@@ -61,13 +61,16 @@ class DeviceGate:
         self._names: dict[int, str | None] = {}
         self._gnames: dict[int, str | None] = {}
 
-    def load(self, path: str | None = None) -> None:
+    def load(self, path: str | None = None, *, strict: bool = False) -> None:
         """(Re)read the policy; a bad file keeps the last good policy (PolicyError is
-        logged, one line naming file and line)."""
+        logged, one line naming file and line) -- or, ``strict`` (at start-up, when
+        there is none yet), raises it."""
         path = path or self.path
         try:
             pol = configmod.load_policy(path)
         except PolicyError as exc:
+            if strict:
+                raise
             log.error("%s; keeping the last good policy", exc.oneline())
             return
         self.path, self.policy = path, pol

@@ -132,6 +132,7 @@ class Service:
 
     # ------------------------------------------------------------------ start/stop
     def start(self) -> None:
+        self.gate.load(strict=True)  # a bad policy at start-up is an error (exit 3)
         # the workers first, while the service holds no sockets or watches to inherit
         self.pool = Pool(self.reactor, TASKS, size=self.workers,
                          max_size=self.workers + MAX_JOBS, child_setup=self._in_worker)
@@ -153,7 +154,6 @@ class Service:
             self.uevents = UeventWatch(self.reactor, self._device_event, self._uevent_overflow)
         except Exception as exc:
             log.warning("device events unavailable: %s", exc)
-        self.gate.load()
         self.server = Server(self.reactor, socket_path(self.sdir),
                              gid=configmod.resolve_gid(self.cfg.socket_group),
                              dispatch=self._request,

@@ -90,6 +90,7 @@ class Conn:
         pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                       _UCRED.size))
         self.peer_pid, self.uid, self.gid = pid, uid, gid
+        self._groups: frozenset[int] | None = None
         self.inbuf = bytearray()
         #: stream offset of inbuf[0]; fds in: (stream offset they came with, fd, truncated)
         self.in_off = 0
@@ -299,6 +300,11 @@ class Conn:
     def groups(self) -> frozenset[int]:
         """The peer's primary and supplementary groups as the kernel recorded them at
         connect time (``SO_PEERGROUPS``): no /proc read, no pid race."""
+        if self._groups is None:
+            self._groups = self._peer_groups()
+        return self._groups
+
+    def _peer_groups(self) -> frozenset[int]:
         try:
             raw = self.sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 4 * 65536)
         except OSError:
