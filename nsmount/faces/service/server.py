@@ -60,7 +60,8 @@ IDLE_SECONDS = 30.0
 DISCARD_LIMIT = 64 << 20
 _UCRED = struct.Struct("3i")
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
-#: ancillary buffer of one read: exactly room for MAX_REQUEST_FDS fds
+#: ancillary buffer of one read: room for MAX_REQUEST_FDS fds (alignment may leave
+#: room for one more; the count is checked per request line)
 _CMSG_SPACE = socket.CMSG_SPACE(MAX_REQUEST_FDS * 4)
 
 
@@ -92,7 +93,8 @@ class Conn:
         self.peer_pid, self.uid, self.gid = pid, uid, gid
         self._groups: frozenset[int] | None = None
         self.inbuf = bytearray()
-        #: stream offset of inbuf[0]; fds in: (stream offset they came with, fd, truncated)
+        #: stream offset of inbuf[0]; fds in: (stream offset they came with, fd, or None
+        #: for a truncated control message there)
         self.in_off = 0
         self.infds: deque[tuple[int, int | None]] = deque()
         self.outbuf = bytearray()
@@ -420,6 +422,9 @@ class Server:
         if (fds and not public_op) or truncated:
             log.warning("socket: uid %d pid %d attached %s fd(s) to a %s request; closed",
                         conn.uid, conn.peer_pid, "too many" if truncated else len(fds), req.op)
+        if not public_op:  # closed before any job is forked: no child inherits them
+            close_fds(fds)
+            fds.clear()
         if truncated:
             conn.send(error(req.id, BAD_REQUEST, f"more than {MAX_REQUEST_FDS} fd attached "
                             "to a request; all were closed"))
