@@ -193,6 +193,9 @@ class Service:
         """In a new worker process: the service's descriptors are not its to hold (a
         client connection kept open there would never see its end)."""
         fds = [*self.reactor.handlers, self.reactor.ep.fileno(), *getattr(self, "_sigpipe", ())]
+        server = getattr(self, "server", None)
+        if server is not None:  # fds clients sent, device fds not yet sent to a client
+            fds += [fd for c in server.conns.values() for fd in c.held_fds()]
         for fd in fds:
             try:
                 os.close(fd)

@@ -299,6 +299,11 @@ class Conn:
         self.outfds.clear()
         self.sock.close()
 
+    def held_fds(self) -> list[int]:
+        """The fds this connection holds besides its socket: received with a line still
+        arriving, or waiting to go out with an answer."""
+        return [fd for _, fd in self.infds if fd is not None] + [fd for _, fd in self.outfds]
+
     def groups(self) -> frozenset[int]:
         """The peer's primary and supplementary groups as the kernel recorded them at
         connect time (``SO_PEERGROUPS``): no /proc read, no pid race."""
