@@ -28,7 +28,8 @@ qemu_end_to_end    uid 65534's rootless QEMU (``nsmount exec``), the loop node 0
                    root: ``nsmount device add --fd-to-qmp QMP pid:N /dev/loopX`` by
                    the user gets the fd from the service and ``blockdev-add`` of
                    ``/dev/fdset/N`` works; read-only with ``--json``; ``/dev/vda``:
-                   exit 17, one line naming the policy
+                   exit 17, one line naming the policy; no service: exit 6 naming
+                   it for the 0600 node, the user's own rights for a 0666 one
 bind               ``device-bind`` (item 4) into uid 65534's rootless stand-in VM: the
                    loop node bound into its /dev (rw; a second time: present), a
                    read-only grant bound read-only; refused: a symlink the user put at
@@ -114,6 +115,10 @@ def test_qemu_end_to_end() -> None:
     assert "/tmp/policy.toml" in err and "/dev/vda" in err and "\n" not in err.strip(), err
     rc, stdout, _ = out["ro"]
     assert rc == 0 and json.loads(stdout)["fds"][0]["read_only"] is True, out["ro"]
+    rc, err = out["no_service"]
+    assert rc == 6 and "no nsmount service" in err and "\n" not in err.strip(), out
+    rc, stdout = out["no_service_own"]
+    assert rc == 0 and stdout.startswith("/dev/fdset/"), out["no_service_own"]
     assert "d1" in out["nodes"] and out["status"] == "prelaunch", out
     assert out["vm_has_loop"] is False and not out["traceback"]
 

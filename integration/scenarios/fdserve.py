@@ -169,6 +169,17 @@ def qemu_end_to_end() -> None:
                 c = nsm("device", "add", "--fd-to-qmp", NSM_SOCK, "--read-only", "--json",
                         f"pid:{pid}", loop, user=NOBODY)
                 res["ro"] = [c.returncode, c.stdout, c.stderr]
+                # no service: the user's own rights (refused on a 0600 node, a 0666
+                # one works as before the service existed)
+                svc.terminate()
+                svc.wait(10)
+                c = nsm("device", "add", "--fd-to-qmp", NSM_SOCK, f"pid:{pid}", loop,
+                        user=NOBODY)
+                res["no_service"] = [c.returncode, c.stderr]
+                os.chmod(loop, 0o666)
+                c = nsm("device", "add", "--fd-to-qmp", NSM_SOCK, f"pid:{pid}", loop,
+                        user=NOBODY)
+                res["no_service_own"] = [c.returncode, c.stdout]
                 res["nodes"] = [n["node-name"] for n in q.cmd("query-named-block-nodes")]
                 res["status"] = q.cmd("query-status")["status"]
             res["vm_has_loop"] = os.path.lexists(f"/proc/{pid}/root{loop}")

@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 
 from .. import __version__
 from . import printers as P
-from ..errors import NsmountError, SpecError, from_oserror
+from ..errors import NsmountError, PrivilegeError, SpecError, from_oserror
 from ..model.display import safe_line
 
 log = logging.getLogger("nsmount")
@@ -503,10 +503,18 @@ def _fd_to_qmp(args: argparse.Namespace, out: P.Out) -> int:
     rows: list[dict[str, Any]] = []
     opener = None
     if os.geteuid() != 0:  # a user's launcher: the service opens, as its policy allows
-        from ..faces.fdclient import obtain_device
+        from ..faces.fdclient import ServiceUnavailableError, obtain_device
 
         def opener(path: str, write: bool) -> fdpass.DeviceFd:
-            return obtain_device(path, pid=pid, write=write, timeout=args.timeout)
+            try:
+                return obtain_device(path, pid=pid, write=write, timeout=args.timeout)
+            except ServiceUnavailableError as exc:  # no service: the user's own rights
+                try:
+                    return fdpass.open_device(path, write=write)
+                except PrivilegeError as perm:
+                    raise PrivilegeError(f"{perm}; and {exc}", hint="start nsmount serve "
+                                         "with a device policy granting this user the "
+                                         "device (docs/service.rst)") from None
     for p in args.paths:
         if starttime(pid) != start:
             from ..errors import NoSuchProcessError
