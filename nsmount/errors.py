@@ -129,6 +129,15 @@ class DeadlineError(NsmountError):
     hint = "a VM that blocks (FUSE, a frozen process) is abandoned; raise --timeout if it is slow"
 
 
+class DeniedError(NsmountError):
+    """The service refused a device: its policy does not grant it to this user, or the
+    VM's pidfd did not prove that the VM is this user's."""
+
+    exit_code = 17
+    hint = ("ask the admin to grant the device in the service's policy "
+            "(/etc/nsmount/policy.toml, docs/protocol.rst)")
+
+
 def wrap_oserror(fn: _F) -> _F:
     """The boundary of the public API (psutil's ``wrap_exceptions`` in spirit): a raw
     OSError from below becomes the matching NsmountError, with the function's name."""

@@ -169,3 +169,28 @@ def test_fanotify_event_parser() -> None:
     meta = struct.pack("=IBBHQii", 24 + len(info), 3, 0, 24, notify.FAN_MNT_ATTACH, -1, 0)
     evs = list(notify.parse_mount_events(meta + info + b"\x01\x02"))
     assert [(e.kind, e.mnt_id) for e in evs] == [("attach", 2147483650)]
+
+
+def test_fd_ops() -> None:
+    r = parse_request(req(op="open-device", path="/dev//loop3"))
+    assert (r.op, r.path, r.write) == ("open-device", "/dev/loop3", True)
+    r = parse_request(req(op="device-bind", path="/dev/loop3", write=False, id="x"))
+    assert (r.op, r.path, r.write, r.id) == ("device-bind", "/dev/loop3", False, "x")
+    assert "open-device" in protocol.FD_OPS and "list" not in protocol.FD_OPS
+    assert parse_request(req(op="list")).path is None
+
+
+@pytest.mark.parametrize("obj", [
+    {"op": "open-device"},
+    {"op": "open-device", "path": 7},
+    {"op": "open-device", "path": "/etc/shadow"},
+    {"op": "open-device", "path": "/dev/../etc/shadow"},
+    {"op": "open-device", "path": "dev/loop0"},
+    {"op": "open-device", "path": "/dev/loop0", "write": "yes"},
+    {"op": "open-device", "path": "/dev/loop0", "pid": 5},
+    {"op": "device-bind", "path": "/dev/loop0", "paths": ["/dev/loop0"]},
+    {"op": "list", "path": "/dev/loop0"},
+    {"op": "repair", "pid": 5, "write": False},
+])
+def test_fd_ops_refused(obj: dict[str, object]) -> None:
+    assert code_of(req(**obj)) == "bad-request"

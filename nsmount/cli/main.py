@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 
 from .. import __version__
 from . import printers as P
-from ..errors import NsmountError, SpecError, from_oserror
+from ..errors import NsmountError, PrivilegeError, SpecError, from_oserror
 from ..model.display import safe_line
 
 log = logging.getLogger("nsmount")
@@ -52,6 +52,8 @@ EXIT_CODES: tuple[tuple[int, str], ...] = (
     (15, "the target's mount namespace is owned by another user namespace, or is not the "
          "one recorded at launch: refused"),
     (16, "the work on a VM passed its deadline (--timeout) and was abandoned"),
+    (17, "the service refused a device fd or bind: its policy does not grant the device to "
+         "this user, or the target is not this user's own VM"),
     (64, "usage error: unknown command or option, a flag the command cannot honour, "
          "a bad value"),
     (66, "an input file (--spec, --domain-xml) cannot be read"),
@@ -221,7 +223,9 @@ def build_parser() -> Parser:
                             "the VM's QEMU over this QMP socket (add-fd); prints the "
                             "/dev/fdset/N path for blockdev-add")
             dp.add_argument("--read-only", action="store_true",
-                            help="with --fd-to-qmp: open the devices read-only")
+                            help="with --fd-to-qmp: open the devices read-only; as a "
+                            "non-root user (the service binds into the user's rootless "
+                            "VM): bind them read-only")
 
     sp = add("run-in", "run a command inside a VM's mount namespace", cmd_run_in)
     sp.add_argument("target", metavar="TARGET", help="PID, pid:N or a libvirt domain name")
@@ -257,6 +261,9 @@ def build_parser() -> Parser:
              "device events, VM starts and exits, a local socket)", cmd_serve)
     sp.add_argument("--config", metavar="FILE", help="host configuration (default "
                     "$NSMOUNT_CONFIG or /etc/nsmount/nsmount.conf)")
+    sp.add_argument("--policy", metavar="FILE", help="device policy: which users may have "
+                    "which device fds (default: the config's 'policy', else "
+                    "/etc/nsmount/policy.toml; absent: nothing granted; reloaded on SIGHUP)")
     sp.add_argument("--metrics-file", metavar="PATH",
                     help="write Prometheus text metrics here (atomically)")
     sp.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
@@ -430,13 +437,42 @@ def cmd_device(args: argparse.Namespace, out: P.Out) -> int:
 
     if getattr(args, "fd_to_qmp", None):
         return _fd_to_qmp(args, out)
-    _forbid(args, "goes with --fd-to-qmp", "--read-only")
+    if args.device_cmd == "add" and os.geteuid() != 0:
+        return _bind_via_service(args, out)
+    _forbid(args, "goes with --fd-to-qmp (or, for a non-root user, the service's "
+            "device-bind)", "--read-only")
     fn = device_add if args.device_cmd == "add" else device_remove
     o = fn(args.target, args.paths, dry_run=args.dry_run, **_kw(args))
     audit.log_outcome(o)
     _summary(o)
     out.json(o.to_dict()) if args.json else P.outcome(out, o, verb=args.device_cmd)
     return outcome_exit(o)
+
+
+def _bind_via_service(args: argparse.Namespace, out: P.Out) -> int:
+    """``device add TARGET PATH...`` by a non-root user: the service binds each node
+    into the user's own rootless VM, as its device policy allows (``device-bind``).
+    Exit 1 when something was bound, 0 when everything was there already."""
+    from ..faces.fdclient import bind_device
+    from ..state.sources import resolve_target
+
+    _forbid(args, "does not apply to the service's device-bind (a non-root user)",
+            "--spec", "--domain-xml")
+    pid, name = resolve_target(args.target, lvdir=args.libvirt_state_dir)
+    write = not args.read_only
+    if args.dry_run:
+        for p in args.paths:
+            out.line(f"would ask the nsmount service to bind {p} "
+                     f"({'read-write' if write else 'read-only'}) into pid {pid}")
+        return EX_OK
+    rows = [bind_device(p, pid=pid, write=write, timeout=args.timeout) for p in args.paths]
+    if args.json:
+        out.json({"pid": pid, "name": name, "via": "service", "devices": rows})
+    else:
+        for r in rows:
+            out.line(f"{r.get('status')}: {r.get('path')} ({r.get('node')}, "
+                     f"{'read-only' if r.get('read_only') else 'read-write'}) in pid {pid}")
+    return EX_CHANGED if any(r.get("status") == "bound" for r in rows) else EX_OK
 
 
 def _fd_to_qmp(args: argparse.Namespace, out: P.Out) -> int:
@@ -465,16 +501,31 @@ def _fd_to_qmp(args: argparse.Namespace, out: P.Out) -> int:
                          f"{args.fd_to_qmp}")
         return EX_OK
     rows: list[dict[str, Any]] = []
+    opener = None
+    if os.geteuid() != 0:  # a user's launcher: the service opens, as its policy allows
+        from ..faces.fdclient import ServiceUnavailableError, obtain_device
+
+        def opener(path: str, write: bool) -> fdpass.DeviceFd:
+            try:
+                return obtain_device(path, pid=pid, write=write, timeout=args.timeout)
+            except ServiceUnavailableError as exc:  # no service: the user's own rights
+                try:
+                    return fdpass.open_device(path, write=write)
+                except PrivilegeError as perm:
+                    raise PrivilegeError(f"{perm}; and {exc}", hint="start nsmount serve "
+                                         "with a device policy granting this user the "
+                                         "device (docs/service.rst)") from None
     for p in args.paths:
         if starttime(pid) != start:
             from ..errors import NoSuchProcessError
 
             raise NoSuchProcessError(f"pid {pid} was reused during the run")
         dev, fs = fdpass.pass_device(args.fd_to_qmp, p, write=write, expect_pid=pid,
-                                     timeout=args.timeout)
+                                     timeout=args.timeout, opener=opener)
+        via = " (fd from the nsmount service)" if opener is not None else ""
         audit.log_host("pass-fd", dev.node.path, before="-",
                        after=f"{'rw' if write else 'ro'} fd given to {audit.vm_label(name, pid)} "
-                       f"as {fs.path}")
+                       f"as {fs.path}{via}")
         rows.append({**dev.to_dict(), **fs.to_dict()})
     if args.json:
         out.json({"pid": pid, "name": name, "qmp": args.fd_to_qmp, "fds": rows})
@@ -496,7 +547,7 @@ def cmd_serve(args: argparse.Namespace, out: P.Out) -> int:
         logging.getLogger("nsmount").setLevel(logging.INFO if not args.verbose
                                               else logging.DEBUG)
     cfg = config.load(args.config)  # a bad file at start is an error (exit 3)
-    svc = Service(cfg, config_arg=args.config, sdir=args.state_dir,
+    svc = Service(cfg, config_arg=args.config, policy=args.policy, sdir=args.state_dir,
                   lvdir=args.libvirt_state_dir, metrics_file=args.metrics_file,
                   timeout=args.timeout, workers=args.jobs)
     svc.start()

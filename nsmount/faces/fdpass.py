@@ -293,11 +293,15 @@ def add_fd(qmp_socket: str, fd: int, *, fdset_id: int | None = None,
 
 def pass_device(qmp_socket: str, path: str, *, write: bool = True,
                 expect_pid: int | None = None, timeout: float = 10.0,
-                check: Callable[[str, Entry], None] | None = None
+                check: Callable[[str, Entry], None] | None = None,
+                opener: Callable[[str, bool], DeviceFd] | None = None
                 ) -> tuple[DeviceFd, FdSet]:
-    """open_device + add_fd; nsmount's own copy of the fd is closed before returning
-    (``DeviceFd.fd`` is -1 then: QEMU holds the only one)."""
-    dev = open_device(path, write=write, check=check)
+    """open_device (or ``opener(path, write)``: e.g. the service's
+    :func:`nsmount.faces.fdclient.obtain_device` for a user's launcher) + add_fd;
+    nsmount's own copy of the fd is closed before returning (``DeviceFd.fd`` is -1
+    then: QEMU holds the only one)."""
+    dev = opener(path, write) if opener is not None else \
+        open_device(path, write=write, check=check)
     try:
         fs = add_fd(qmp_socket, dev.fd, expect_pid=expect_pid, timeout=timeout,
                     opaque=f"nsmount:{dev.node.path}")

@@ -36,6 +36,16 @@ CLONE_NEWUSER = 0x10000000
 
 # ioctl_ns(2): _IO(0xb7, 0x1) -> an fd of the user namespace owning a namespace
 NS_GET_USERNS = 0xB701
+# ioctl_ns(2): _IO(0xb7, 0x4) -> the uid that created a user namespace (into a uid_t)
+NS_GET_OWNER_UID = 0xB704
+
+# pidfd ioctls (include/uapi/linux/pidfd.h): _IOWR(0xFF, 11, struct pidfd_info) with the
+# 64-byte first version of the struct (6.13+); _IO(0xFF, 3): the task's mount namespace
+PIDFD_GET_INFO = 0xC040FF0B
+PIDFD_GET_MNT_NAMESPACE = 0xFF03
+PIDFD_INFO_PID = 0x1
+PIDFD_INFO_CREDS = 0x2
+PIDFS_MAGIC = 0x50494446
 
 # mount(2)
 MS_RDONLY = 0x1

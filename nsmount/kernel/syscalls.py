@@ -11,6 +11,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+from dataclasses import dataclass
 from typing import Final
 
 from . import consts as C
@@ -270,3 +271,69 @@ def has_feature(name: str) -> bool:
         ok = exc.errno != errno.ENOSYS
     _PROBED[name] = ok
     return ok
+
+
+# ------------------------------------------------------------------ pidfds
+@dataclass(frozen=True)
+class PidfdInfo:
+    """What the kernel says about the process behind a pidfd (``PIDFD_GET_INFO``): the
+    pid as seen from the caller's pid namespace and the task's credentials."""
+
+    pid: int
+    ppid: int
+    ruid: int
+    rgid: int
+    euid: int
+    egid: int
+
+
+def is_pidfd(fd: int) -> bool:
+    """True when ``fd`` is a pidfd (it lives on pidfs), whatever process it names."""
+    try:
+        return fstatfs(fd)[0] == C.PIDFS_MAGIC
+    except OSError:
+        return False
+
+
+def pidfd_info(fd: int) -> PidfdInfo:
+    """``ioctl(fd, PIDFD_GET_INFO)``: taken from the task itself, never from a path.
+    OSError ENOTTY/EINVAL: not a pidfd (or a kernel before 6.13); ESRCH: the process
+    has exited."""
+    import fcntl
+    import struct
+
+    buf = bytearray(64)
+    struct.pack_into("=Q", buf, 0, C.PIDFD_INFO_PID | C.PIDFD_INFO_CREDS)
+    fcntl.ioctl(fd, C.PIDFD_GET_INFO, buf)
+    mask, _cg, pid, _tgid, ppid, ruid, rgid, euid, egid = struct.unpack_from("=QQ7I", buf)
+    if not mask & C.PIDFD_INFO_CREDS:
+        raise OSError(errno.EINVAL, "the kernel gave no credentials for the pidfd")
+    return PidfdInfo(pid, ppid, ruid, rgid, euid, egid)
+
+
+def pidfd_mntns(fd: int) -> int:
+    """fd of the mount namespace of the process behind a pidfd
+    (``PIDFD_GET_MNT_NAMESPACE``, 6.11+): no /proc path is resolved."""
+    import fcntl
+
+    return fcntl.ioctl(fd, C.PIDFD_GET_MNT_NAMESPACE)
+
+
+def userns_owner_uid(userns_fd: int) -> int:
+    """The uid that created a user namespace (``NS_GET_OWNER_UID``)."""
+    import fcntl
+    import struct
+
+    buf = bytearray(4)
+    fcntl.ioctl(userns_fd, C.NS_GET_OWNER_UID, buf)
+    return int(struct.unpack("=I", buf)[0])
+
+
+def set_fsids(uid: int, gid: int) -> None:
+    """``setfsgid`` + ``setfsuid`` of the calling thread: files it creates belong to
+    ``uid:gid`` and a filesystem of a user namespace where root is not mapped accepts
+    them; capabilities other than the file ones (CAP_SYS_ADMIN) are kept."""
+    _libc.setfsgid(_UINT(gid))
+    _libc.setfsuid(_UINT(uid))
+    if _libc.setfsuid(_UINT(0xFFFFFFFF)) != uid or _libc.setfsgid(_UINT(0xFFFFFFFF)) != gid:
+        raise OSError(errno.EPERM, f"cannot act as {uid}:{gid} on the filesystem")

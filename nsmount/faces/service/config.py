@@ -14,6 +14,7 @@
     jobs = 0                      # warm worker processes (0: one per CPU)
     debounce_ms = 50              # quiet time before a batch of events is acted on
     metrics_file = "/var/lib/node_exporter/textfile/nsmount.prom"
+    policy = "/etc/nsmount/policy.toml"   # who may have which device fds (default path)
 
 The file is found by ``--config``, then ``$NSMOUNT_CONFIG``, then the default path; a
 missing default file is an empty config.  Errors are one line naming the file and
@@ -30,9 +31,12 @@ from typing import Any
 
 from ...errors import SpecError
 from ...model.paths import canonical, is_strictly_within
+from ...model.policy import DEFAULT_POLICY, Policy, PolicyError
+from ...model.policy import parse as parse_policy
 
 DEFAULT_CONFIG = "/etc/nsmount/nsmount.conf"
 MAX_CONFIG = 1 << 20
+MAX_POLICY = 1 << 20
 
 
 class ConfigError(SpecError):
@@ -51,11 +55,12 @@ class Config:
     jobs: int = 0
     debounce_ms: int = 50
     metrics_file: str | None = None
+    policy: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
 _KEYS = {"mounts", "default_devices", "state_dir", "libvirt_state_dir", "socket_group",
-         "timeout", "jobs", "debounce_ms", "metrics_file"}
+         "timeout", "jobs", "debounce_ms", "metrics_file", "policy"}
 
 
 def config_path(override: str | None = None) -> tuple[str, bool]:
@@ -121,7 +126,7 @@ def _value(key: str, val: Any) -> Any:
         if key == "mounts" and "/" in out:
             raise ValueError("'/' is not a mount VMs can be given")
         return out
-    if key in ("state_dir", "libvirt_state_dir", "metrics_file"):
+    if key in ("state_dir", "libvirt_state_dir", "metrics_file", "policy"):
         if not isinstance(val, str):
             raise ValueError("must be a string")
         return canonical(val)
@@ -159,3 +164,22 @@ def resolve_gid(group: str | int | None) -> int | None:
         return grp.getgrnam(group).gr_gid
     except KeyError:
         raise ConfigError(f"socket_group: no group named {group!r}") from None
+
+
+def policy_path(cfg: Config, override: str | None = None) -> str:
+    """``--policy``, else the configuration's ``policy``, else the default path."""
+    return override or cfg.policy or DEFAULT_POLICY
+
+
+def load_policy(path: str) -> Policy:
+    """The device policy at ``path`` (:mod:`nsmount.model.policy`); a missing file is an
+    empty policy: nothing is granted.  PolicyError (``FILE:LINE: what``) otherwise."""
+    from ...state.files import read_state_text
+
+    try:
+        text = read_state_text(path, limit=MAX_POLICY)
+    except FileNotFoundError:
+        return Policy(None, ())
+    except SpecError as exc:
+        raise PolicyError(exc.oneline()) from None
+    return parse_policy(text, path)

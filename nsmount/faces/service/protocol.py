@@ -23,13 +23,21 @@ MAX_PATHS = 64
 MAX_NAME = 256
 MAX_PID = 1 << 22  # pid_max's ceiling
 
-OPS = ("list", "status", "reconnect", "started", "repair", "device-add", "device-remove")
-_KEYS = {"v", "op", "id", "timeout", "domain", "pid", "xml", "paths"}
+OPS = ("list", "status", "reconnect", "started", "repair", "device-add", "device-remove",
+       "open-device", "device-bind")
+#: ops any local user may send (the device policy decides); each needs the pidfd of the
+#: VM it acts for attached with SCM_RIGHTS.  Every other op: root or the socket group.
+FD_OPS = ("open-device", "device-bind")
+#: fds a request may carry (the pidfd); more are refused
+MAX_REQUEST_FDS = 1
+_KEYS = {"v", "op", "id", "timeout", "domain", "pid", "xml", "paths", "path", "write"}
 
 # error codes
 BAD_REQUEST = "bad-request"
 TOO_LARGE = "too-large"
 UNAUTHORIZED = "unauthorized"
+DENIED = "denied"          # the device policy refused
+BAD_PIDFD = "bad-pidfd"    # no pidfd, not a pidfd, exited, or another user's process
 BAD_VERSION = "unsupported-version"
 UNKNOWN_OP = "unknown-op"
 BUSY = "busy"
@@ -54,6 +62,8 @@ class Request:
     pid: int | None = None
     xml: str | None = None
     paths: tuple[str, ...] = field(default=())
+    path: str | None = None  # open-device, device-bind
+    write: bool = True
 
     @property
     def target(self) -> str:
@@ -130,7 +140,16 @@ def _fields(op: str, data: dict[str, Any], rid: str | int | None) -> Request:
     if xml is not None and not isinstance(xml, str):
         raise ProtocolError(BAD_REQUEST, "'xml' must be a string")
     allowed: set[str] = set()
-    if op in ("reconnect", "started"):
+    path = data.get("path")
+    write = data.get("write", True)
+    if op in FD_OPS:
+        if path is None:
+            raise ProtocolError(BAD_REQUEST, f"{op} needs 'path'")
+        path = _paths([path])[0]
+        if not isinstance(write, bool):
+            raise ProtocolError(BAD_REQUEST, "'write' must be true or false")
+        allowed = {"path", "write"}
+    elif op in ("reconnect", "started"):
         if domain is None:
             raise ProtocolError(BAD_REQUEST, f"{op} needs 'domain'")
         allowed = {"domain", "xml"}
@@ -141,11 +160,12 @@ def _fields(op: str, data: dict[str, Any], rid: str | int | None) -> Request:
         if op != "repair":
             allowed.add("paths")
             paths = _paths(paths)
-    extra = sorted(k for k in ("domain", "pid", "xml", "paths")
+    extra = sorted(k for k in ("domain", "pid", "xml", "paths", "path", "write")
                    if data.get(k) is not None and k not in allowed)
     if extra:
         raise ProtocolError(BAD_REQUEST, f"{op} takes no {', '.join(extra)}")
-    return Request(op, rid, float(timeout), domain, pid, xml, tuple(paths or ()))
+    return Request(op, rid, float(timeout), domain, pid, xml, tuple(paths or ()),
+                   path if op in FD_OPS else None, bool(write))
 
 
 def _paths(paths: object) -> list[str]:

@@ -40,6 +40,7 @@ from .pool import Pool, Task
 from .tasks import TASKS, VmTask
 from .client import socket_path
 from .config import Config, ConfigError
+from .devgate import DeviceGate
 from .lifecycle import DirWatch, Registry, Vm
 from .loop import IN, Reactor, Timer
 from .metrics import Metrics
@@ -79,9 +80,11 @@ class Service:
     def __init__(self, cfg: Config, *, config_arg: str | None = None,
                  sdir: str | None = None, lvdir: str | None = None,
                  metrics_file: str | None = None, timeout: float | None = None,
-                 workers: int | None = None) -> None:
+                 workers: int | None = None, policy: str | None = None) -> None:
         self.cfg = cfg
         self.config_arg = config_arg
+        self.policy_arg = policy
+        self.gate = DeviceGate(configmod.policy_path(cfg, policy))
         self.sdir = state_dir(sdir or os.environ.get("NSMOUNT_STATE_DIR") or cfg.state_dir)
         self.lvdir = lvdir or os.environ.get("NSMOUNT_LIBVIRT_STATE_DIR") \
             or cfg.libvirt_state_dir
@@ -129,6 +132,7 @@ class Service:
 
     # ------------------------------------------------------------------ start/stop
     def start(self) -> None:
+        self.gate.load(strict=True)  # a bad policy at start-up is an error (exit 3)
         # the workers first, while the service holds no sockets or watches to inherit
         self.pool = Pool(self.reactor, TASKS, size=self.workers,
                          max_size=self.workers + MAX_JOBS, child_setup=self._in_worker)
@@ -152,7 +156,8 @@ class Service:
             log.warning("device events unavailable: %s", exc)
         self.server = Server(self.reactor, socket_path(self.sdir),
                              gid=configmod.resolve_gid(self.cfg.socket_group),
-                             dispatch=self._request)
+                             dispatch=self._request,
+                             public=self.gate.policy.grants_anything)
         self._signals()
         self.known_mounts = relevant_mounts(self.cfg.mounts)
         new = self.registry.rescan(scan=True)
@@ -189,6 +194,9 @@ class Service:
         client connection kept open there would never see its end)."""
         fds = [*self.reactor.handlers, self.reactor.ep.fileno(), *getattr(self, "_sigpipe", ()),
                *(self.pool.fds() if self.pool is not None else ())]
+        server = getattr(self, "server", None)
+        if server is not None:  # fds clients sent, device fds not yet sent to a client
+            fds += [fd for c in server.conns.values() for fd in c.held_fds()]
         for fd in fds:
             try:
                 os.close(fd)
@@ -220,6 +228,13 @@ class Service:
             cfg = configmod.load(self.config_arg)
         except ConfigError as exc:
             log.error("%s; keeping the last good configuration", exc.oneline())
+            cfg = self.cfg
+        self.gate.load(configmod.policy_path(cfg, self.policy_arg))
+        try:
+            self.server.set_public(self.gate.policy.grants_anything)
+        except OSError as exc:
+            log.error("socket mode: %s", exc)
+        if cfg is self.cfg:
             return
         old, self.cfg = self.cfg, cfg
         log.info("configuration reloaded from %s", cfg.path or "(defaults)")
@@ -441,8 +456,14 @@ class Service:
             self.queue.append(run)
 
     # ------------------------------------------------------------------ requests
-    def _request(self, conn: Conn, req: Request) -> None:
+    def _request(self, conn: Conn, req: Request, pidfd: int = -1) -> None:
         self.metrics.request(req.op)
+        if req.op == "open-device":
+            self.gate.open_device(conn, req, pidfd)
+            return
+        if req.op == "device-bind":
+            self.gate.device_bind(conn, req, pidfd, self._request_job)
+            return
         try:
             if req.op == "list":
                 conn.done(ok(req.id, {"vms": self.list_vms()}))
@@ -527,7 +548,8 @@ class Service:
         return {"version": VERSION, "pid": os.getpid(),
                 "uptime": round(time.monotonic() - self.started, 3),
                 "vms": len(self.registry.vms), "state_dir": self.sdir,
-                "config": self.cfg.path, "mount_events": self.mountwatch.method,
+                "config": self.cfg.path, "policy": self.gate.policy.path,
+                "policy_rules": len(self.gate.policy.rules), "mount_events": self.mountwatch.method,
                 "device_events": bool(self.uevents),
                 "batch_running": self.batch is not None,
                 "jobs": len(self.jobs) + self.requests,
