@@ -116,7 +116,7 @@ class VmSession:
         if not in_vm:
             return results
         prep = None
-        ex = None
+        ex: Executor | None = None
         # everything after the host-side clones sits in the try: a worker serves many
         # VMs, so neither a clone's fd nor the VM's namespace may outlive a failure
         try:
