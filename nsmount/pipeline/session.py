@@ -108,11 +108,11 @@ class VmSession:
         in_vm = [a for a in actions if a not in on_host]
         results: list[Result] = []
         if on_host:
-            ex = Executor()  # rooted at the host's /
+            hx = Executor()  # rooted at the host's /
             try:
-                results += ex.apply(on_host)
+                results += hx.apply(on_host)
             finally:
-                ex.close()
+                hx.close()
         if not in_vm:
             return results
         prep = None
