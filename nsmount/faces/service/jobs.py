@@ -51,6 +51,7 @@ class Job:
     buf: bytearray = field(default_factory=bytearray)
     started: float = field(default_factory=time.monotonic)
     finished: bool = False
+    reaped: bool = False
 
     def kill(self) -> None:
         try:
@@ -58,10 +59,12 @@ class Job:
         except ProcessLookupError:
             pass
 
-    def finish(self, timed_out: bool = False) -> None:
-        """Reap the child and call ``on_done(value, error)`` once."""
+    def finish(self, timed_out: bool = False) -> bool:
+        """Call ``on_done(value, error)`` once; True when the child was reaped too.
+        A killed child is never waited for (one stuck in an unkillable wait would stop
+        the service): then the caller reaps it once its pidfd says it is gone."""
         if self.finished:
-            return
+            return self.reaped
         self.finished = True
         if timed_out:
             self.kill()
@@ -70,12 +73,13 @@ class Job:
         except OSError:
             pass
         try:
-            os.waitpid(self.pid, 0)
+            # a child that closed its pipe is exiting; a killed one may be stuck
+            self.reaped = os.waitpid(self.pid, os.WNOHANG if timed_out else 0)[0] != 0
         except ChildProcessError:
-            pass
+            self.reaped = True
         if timed_out:
             self.on_done(None, "timed out: the job was killed")
-            return
+            return self.reaped
         try:
             kind, value = pickle.loads(bytes(self.buf)) if self.buf else ("error", "job died")
         except Exception as exc:
@@ -84,6 +88,7 @@ class Job:
             self.on_done(value, None)
         else:
             self.on_done(None, str(value))
+        return self.reaped
 
 
 def start(kind: str, fn: Callable[[], Any], *, timeout: float,

@@ -176,9 +176,8 @@ class Service:
 
     def close(self) -> None:
         sd_notify("STOPPING=1")
-        for j in self.jobs.values():
-            j.kill()
-            j.finish(timed_out=False)
+        for j in list(self.jobs.values()):
+            j.finish(timed_out=True)  # killed, never waited for
         for part in ("pool", "server", "mountwatch", "uevents", "dirwatch", "registry"):
             obj = getattr(self, part, None)
             if obj is not None:
@@ -430,11 +429,30 @@ class Service:
             log.error("%s job (pid %d) passed its deadline of %.0fs: killed", kind, job.pid,
                       timeout)
             self.reactor.remove(job.rfd)
-            job.finish(timed_out=True)
+            if not job.finish(timed_out=True):
+                self._reap_later(job.pid)
 
         timer = self.reactor.call_later(timeout, expired)
         self.reactor.add(job.rfd, IN, readable)
         return job
+
+    def _reap_later(self, pid: int) -> None:
+        """Wait for a killed child without blocking the loop: when its pidfd says it
+        is gone (a child stuck in an unkillable wait is never waited for)."""
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return  # gone and reaped already
+
+        def reap(_mask: int) -> None:
+            self.reactor.remove(pidfd)
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            os.close(pidfd)
+
+        self.reactor.add(pidfd, IN, reap)
 
     def _request_job(self, kind: str, fn: Callable[[], Any], timeout: float,
                      on_done: Callable[[Any, str | None], None]) -> None:
