@@ -61,6 +61,24 @@ RETRIES = 3
 JOB_SLACK = 5.0
 
 
+#: what a VM's copy of a host device node is made from: (st_mode, st_rdev, uid, gid),
+#: None when the host has no node there
+NodeState = tuple[int, int, int, int] | None
+UNKNOWN_NODE: NodeState = (-1, -1, -1, -1)
+
+
+def host_node(path: str) -> NodeState:
+    """The host's node at ``path`` (the host's /dev: trusted; no link followed);
+    :data:`UNKNOWN_NODE` when it cannot be looked at (its events always count)."""
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError:
+        return UNKNOWN_NODE
+    return (st.st_mode, st.st_rdev, st.st_uid, st.st_gid)
+
+
 def sd_notify(msg: str) -> None:
     """systemd's readiness protocol: one datagram to $NOTIFY_SOCKET."""
     addr = os.environ.get("NOTIFY_SOCKET")
@@ -111,6 +129,9 @@ class Service:
         self.jobs: dict[int, jobs.Job] = {}
         self.queue: deque[Callable[[], None]] = deque()
         self._dev_index: dict[str, set[int]] | None = None
+        #: host node (type+mode, rdev, owner) of each device path at its last uevent that
+        #: was acted on (None: absent); bounded by the paths the VMs name
+        self._node_seen: dict[str, NodeState] = {}
         self.uevents: Any = None
 
     # ------------------------------------------------------------------ settings
@@ -276,6 +297,11 @@ class Service:
             self._mark(list(self.registry.vms), first or time.monotonic(), settled=True)
 
     def _device_event(self, path: str, action: str) -> None:
+        """A uevent for ``path``: the VMs that name it are repaired when the host node
+        differs from what it was at the last event that reached them.  Most uevents
+        change no node -- /dev/kvm sends ``change`` whenever any KVM guest on the host
+        starts or stops, and ``echo change > .../uevent`` storms send thousands -- and
+        must not turn into a repair of every VM each time."""
         self.metrics.event("uevent")
         if self._dev_index is None:
             idx: dict[str, set[int]] = {}
@@ -283,14 +309,22 @@ class Service:
                 for p in vm.device_paths():
                     idx.setdefault(p, set()).add(vm.pid)
             self._dev_index = idx
+            self._node_seen = {p: st for p, st in self._node_seen.items() if p in idx}
         pids = self._dev_index.get(path)
-        if pids:
-            log.info("device %s: %s; repairing %d VM(s)", escape_name(path), action, len(pids))
-            self._mark(sorted(pids), time.monotonic())
+        if not pids:
+            return
+        node = host_node(path)
+        if node != UNKNOWN_NODE and path in self._node_seen and self._node_seen[path] == node:
+            self.metrics.event("uevent-unchanged")
+            return
+        self._node_seen[path] = node
+        log.info("device %s: %s; repairing %d VM(s)", escape_name(path), action, len(pids))
+        self._mark(sorted(pids), time.monotonic())
 
     def _uevent_overflow(self) -> None:
         self.metrics.event("uevent-overflow")
         self._dev_index = None
+        self._node_seen.clear()  # events were lost: the next ones all count
         self._mark([vm.pid for vm in self.registry.vms.values() if vm.device_paths()],
                    time.monotonic())
 
