@@ -182,6 +182,7 @@ class Service:
         self._signals()
         self.known_mounts = relevant_mounts(self.cfg.mounts)
         new = self.registry.rescan(scan=True)
+        self._note_nodes(new)
         self._mark([vm.pid for vm in new], time.monotonic())
         self._write_metrics()
         log.info("serving %d VM(s) on %s (mount events: %s, device events: %s)",
@@ -321,6 +322,14 @@ class Service:
         log.info("device %s: %s; repairing %d VM(s)", escape_name(path), action, len(pids))
         self._mark(sorted(pids), time.monotonic())
 
+    def _note_nodes(self, vms: list[Vm]) -> None:
+        """The host nodes of new VMs' device paths as they are now, before the VMs'
+        first run: a later uevent that changes none of them is nothing new for them.
+        (A path first met in a uevent counts as changed: its state before is unknown.)"""
+        for vm in vms:
+            for p in vm.device_paths():
+                self._node_seen.setdefault(p, host_node(p))
+
     def _uevent_overflow(self) -> None:
         self.metrics.event("uevent-overflow")
         self._dev_index = None
@@ -337,6 +346,7 @@ class Service:
         self.rescan_timer = None
         new = self.registry.rescan()
         self._dev_index = None
+        self._note_nodes(new)
         if new:
             self._mark([vm.pid for vm in new], time.monotonic())
 
