@@ -61,6 +61,21 @@ RETRIES = 3
 JOB_SLACK = 5.0
 
 
+def raise_fd_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit: the service holds a pidfd per VM (1000
+    VMs do not fit in the usual soft limit of 1024)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as exc:
+            log.warning("cannot raise the open-files limit from %d: %s", soft, exc)
+
+
 #: what a VM's copy of a host device node is made from: (st_mode, st_rdev, uid, gid),
 #: None when the host has no node there
 NodeState = tuple[int, int, int, int] | None
@@ -153,6 +168,7 @@ class Service:
 
     # ------------------------------------------------------------------ start/stop
     def start(self) -> None:
+        raise_fd_limit()
         self.gate.load(strict=True)  # a bad policy at start-up is an error (exit 3)
         # the workers first, while the service holds no sockets or watches to inherit
         self.pool = Pool(self.reactor, TASKS, size=self.workers,
