@@ -25,7 +25,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ... import __version__ as VERSION
@@ -109,6 +109,17 @@ def sd_notify(msg: str) -> None:
         log.warning("sd_notify failed: %s", exc)
 
 
+@dataclass
+class _Waiting:
+    """A reconnect/started/repair request on its way to the pool."""
+
+    conn: Conn
+    req: Request
+    cand: Candidate
+    known: bool  # tracked by the service when it came
+    t0: float
+
+
 class Service:
     def __init__(self, cfg: Config, *, config_arg: str | None = None,
                  sdir: str | None = None, lvdir: str | None = None,
@@ -135,6 +146,8 @@ class Service:
         self.batch_no = 0
         self.pool: Pool | None = None
         self.requests = 0  # socket requests being worked on by the pool
+        #: reconnect-type requests read in this turn of the loop (_flush_requests)
+        self.waiting: list[_Waiting] = []
         self.batch_timer: Timer | None = None
         self.batch_first: float | None = None
         self.mount_timer: Timer | None = None
@@ -569,29 +582,63 @@ class Service:
         else:
             origin = "libvirt-hook" if req.op in ("reconnect", "started") else "request"
             cand = Candidate(pid, origin, domain)
-        t0 = time.monotonic()
-
-        def done(_item: VmTask, value: Any, err: str | None) -> None:
-            self.requests -= 1
-            if err is not None:
-                conn.done(error(req.id, TIMEOUT if err.startswith("timed out") else FAILED,
-                                err))
-                return
-            rep = Report([value] if value is not None else [], time.monotonic() - t0)
-            if vm is None and any(o.status != "failed" for o in rep.outcomes):
-                # pinned and checked by the pipeline: from now on the service keeps it
-                self.registry.adopt(replace(cand))
-                self._dev_index = None
-            out = rep.to_dict()
-            self._account(out, {pid: t0})
-            self._write_metrics()
-            conn.done(ok(req.id, out))
-
         self.requests += 1
-        task = VmTask(cand, self.sdir, self.lvdir, req.timeout, self.cfg.mounts,
-                      self.cfg.default_devices, xml=req.xml)
-        assert self.pool is not None
-        self.pool.submit(Task("vm", [task], req.timeout, done, urgent=True))
+        if not self.waiting:  # the requests read in this turn of the loop go together
+            self.reactor.call_later(0, self._flush_requests)
+        self.waiting.append(_Waiting(conn, req, cand, vm is not None, time.monotonic()))
+
+    def _flush_requests(self) -> None:
+        """The reconnect/started/repair requests of one turn of the loop as urgent pool
+        tasks.  One request is one task of one VM, as before.  More (a libvirt daemon
+        restart sends one per domain, all at once) share one host reading (a batch
+        number) and are cut in chunks like an event batch, so a burst costs a few
+        hand-overs instead of one per request; each request is still answered, with a
+        report of its own VM alone, as soon as its VM is done."""
+        ws, self.waiting = self.waiting, []
+        if not ws or self.pool is None:
+            return
+        by_pid: dict[int, list[_Waiting]] = {}
+        for w in ws:
+            by_pid.setdefault(w.cand.pid, []).append(w)
+        batch: int | None = None
+        if len(by_pid) > 1:
+            self.batch_no += 1
+            batch = self.batch_no
+            log.info("%d request(s) for %d VM(s) handed to the workers together", len(ws),
+                     len(by_pid))
+        items = []
+        for group in by_pid.values():
+            w = group[0]
+            xml = next((x.req.xml for x in group if x.req.xml is not None), None)
+            items.append(VmTask(w.cand, self.sdir, self.lvdir,
+                                max(x.req.timeout for x in group), self.cfg.mounts,
+                                self.cfg.default_devices, xml=xml, batch=batch,
+                                bulk=batch is not None))
+
+        def done(item: VmTask, value: Any, err: str | None) -> None:
+            group = by_pid[item.cand.pid]
+            self.requests -= len(group)
+            if err is not None:
+                for w in group:
+                    w.conn.done(error(w.req.id, TIMEOUT if err.startswith("timed out")
+                                      else FAILED, err))
+                return
+            now = time.monotonic()
+            outs = [value] if value is not None else []
+            if any(not w.known for w in group) and any(o.status != "failed" for o in outs):
+                # pinned and checked by the pipeline: from now on the service keeps it
+                self.registry.adopt(replace(group[0].cand))
+                self._dev_index = None
+            out = Report(outs, now - min(w.t0 for w in group)).to_dict()
+            self._account(out, {item.cand.pid: min(w.t0 for w in group)})
+            self._write_metrics()
+            for w in group:
+                w.conn.done(ok(w.req.id, out))
+
+        size = max(1, -(-len(items) // (2 * self.pool.size)))
+        for k in range(0, len(items), size):
+            self.pool.submit(Task("vm", items[k:k + size], max(i.timeout for i in items),
+                                  done, urgent=True))
 
     def _req_device(self, conn: Conn, req: Request) -> None:
         from ..repair import device_add, device_remove
