@@ -24,9 +24,9 @@ again (a mount and three directories per VM).  Rows, interleaved round-robin:
 
 Every run's end state is verified (each VM sees a hugetlbfs with its per-domain
 dir).  Target (issue 10): service <= 10x the floor.  ``--profile`` adds one more
-service run, the service restarted under cProfile with every job child profiled too
-(:data:`PROFILED_SERVE`), and prints where the time goes.  Without a C compiler the
-floor rows are skipped with the reason.  JSON: bench/results/floor.json.
+service run, the service restarted under cProfile with the per-VM function of every
+warm worker profiled too (:data:`PROFILED_SERVE`), and prints where the time goes.
+Without a C compiler the floor rows are skipped with the reason.  JSON: bench/results/floor.json.
 """
 
 from __future__ import annotations
@@ -245,22 +245,21 @@ def sandbox_main(cfg: dict[str, Any]) -> None:
     print(json.dumps(out))
 
 
-#: ``nsmount serve`` with cProfile in the service loop and in every job child (each
-#: dumps its stats to /tmp/prof/PID.prof when its function returns)
+#: ``nsmount serve`` with cProfile in the service loop and in every warm worker's
+#: per-VM function (each worker dumps its stats to /tmp/prof/job-PID.prof after each VM)
 PROFILED_SERVE = r"""
 import cProfile, os, sys
-from nsmount.faces.service import jobs
+from nsmount.faces.service import tasks
 os.makedirs("/tmp/prof", exist_ok=True)
-_start = jobs.start
-def start(kind, fn, **kw):
-    def profiled():
-        prof = cProfile.Profile()
-        try:
-            return prof.runcall(fn)
-        finally:
-            prof.dump_stats(f"/tmp/prof/job-{os.getpid()}.prof")
-    return _start(kind, profiled, **kw)
-jobs.start = start
+_vm = tasks.TASKS["vm"]
+_prof = {}
+def vm(item, ctx):
+    p = _prof.setdefault(os.getpid(), cProfile.Profile())
+    try:
+        return p.runcall(_vm, item, ctx)
+    finally:
+        p.dump_stats(f"/tmp/prof/job-{os.getpid()}.prof")
+tasks.TASKS["vm"] = vm
 from nsmount.cli.main import main
 prof = cProfile.Profile()
 try:
@@ -280,7 +279,7 @@ def merged_profile(d: str) -> str:
     files = [os.path.join(d, f) for f in os.listdir(d)]
     jobs_ = [f for f in files if "/job-" in f]
     s = io.StringIO()
-    s.write(f"--- {len(jobs_)} job children, merged ---\n")
+    s.write(f"--- the per-VM function in {len(jobs_)} worker(s), merged ---\n")
     st = pstats.Stats(stream=s)
     for f in jobs_:
         try:
