@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from nsmount.engine.actions import (FixNode, MakeDir, MakeHugepageDir, MakeNode, MakeSymlink,
-                             PreserveMount, RelinkMount, ReplayMount, SwitchDev)
+                             PreserveMount, RelinkMount, RemoveEntry, ReplayMount, SwitchDev)
 from nsmount.model.devnode import Entry
 from nsmount.model.hostmounts import HostMount
 from nsmount.model.mountinfo import parse_line
@@ -203,6 +203,24 @@ def test_dev_that_is_not_the_vms_own_is_never_written() -> None:
     assert diff(rec, obs)[0][0].kind == "foreign-dev"
     obs.dev_id = 42
     assert diff(rec, obs) == ([], [])
+
+
+def test_optional_device_gone_from_the_host_leaves_the_vm() -> None:
+    """An optional device the host has no node for any more: the VM's node (or link)
+    there is removed; nothing else at that path is touched, and nothing at all in a
+    /dev that is not the VM's own."""
+    gone = Entry("/dev/loop6", "blk", 7, 6, 0o660, 0, 6)
+    d = desired(gone=("/dev/loop6", "/dev/sdz", "/dev/odd"))
+    obs = clean_observed(d)
+    assert diff(d, obs) == ([], [])  # the VM does not have them either
+    obs.entries["/dev/loop6"] = gone
+    obs.entries["/dev/odd"] = Entry("/dev/odd", "dir", mode=0o755)
+    drifts, acts = diff(d, obs)
+    assert [(x.kind, x.path) for x in drifts] == [("stale-node", "/dev/loop6")]
+    assert acts == [RemoveEntry("/dev/loop6")]
+    obs.dev_id = None
+    obs.dev_fstype = "ramfs"
+    assert not [a for a in diff(d, obs)[1] if isinstance(a, RemoveEntry)]
 
 
 def test_stacked_mounts_only_the_top_is_visible_and_relinked() -> None:

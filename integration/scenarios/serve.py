@@ -374,7 +374,45 @@ def flapping_mount() -> None:
     # reconnect finds nothing to do
     assert_reconnect_clean()
     st = talk({"op": "status"})["result"]
-    emit(ok=True, batches=st["counters"]["batches"], failures=st["counters"]["failures"])
+    merged = request_burst({i: vm.pid for i, vm in vms.items()})
+    emit(ok=True, batches=st["counters"]["batches"], failures=st["counters"]["failures"],
+         merged=merged)
+
+
+def request_burst(pids: dict[int, int], copies: int = 3) -> int:
+    """``repair`` of every VM ``copies`` times, all sent at once (8 per connection):
+    the requests read in one turn of the service's loop go to the workers together;
+    each is answered with its own VM's report.  Returns how many such groups the
+    service logged."""
+    reqs = [(i, pid) for _ in range(copies) for i, pid in pids.items()]
+    conns = []
+    for k in range(0, len(reqs), 8):
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(60)
+        s.connect(SOCK)
+        chunk = reqs[k:k + 8]
+        s.sendall(b"".join(b'{"v":1,"op":"repair","pid":%d,"id":"%d-%d"}\n' % (pid, k + j, pid)
+                           for j, (_i, pid) in enumerate(chunk)))
+        conns.append((s, len(chunk)))
+    answers = []
+    for s, want in conns:
+        buf = b""
+        while buf.count(b"\n") < want:
+            c = s.recv(1 << 20)
+            assert c, "the service closed the connection"
+            buf += c
+        s.close()
+        answers += [json.loads(ln) for ln in buf.splitlines() if ln.strip()]
+    assert len(answers) == len(reqs), len(answers)
+    for a in answers:
+        pid = int(a["id"].split("-")[1])
+        assert a["ok"], a
+        vms = a["result"]["vms"]
+        assert [o["pid"] for o in vms] == [pid] and vms[0]["status"] in ("ok", "repaired"), a
+        assert a["result"]["summary"]["total"] == 1, a
+    merged = [ln for ln in read_text(LOG).splitlines() if "handed to the workers together" in ln]
+    assert merged, "no request was merged"
+    return len(merged)
 
 
 def unauthorized_client(path: str) -> None:

@@ -37,6 +37,10 @@ class Resolved:
         return self.entries[-1]
 
 
+#: why an optional device was skipped when the host has no such path
+MISSING_ON_HOST = "does not exist on the host"
+
+
 @dataclass(frozen=True)
 class Skipped:
     request: DeviceRequest
@@ -130,7 +134,7 @@ def resolve_spec(spec: VmSpec, *, root: str = "/",
             if req.required:
                 raise DeviceMissingError(f"required device {req.path} does not exist on the host",
                                          hint="fix the VM definition or mark it optional")
-            skipped.append(Skipped(req, "does not exist on the host"))
+            skipped.append(Skipped(req, MISSING_ON_HOST))
         except (UnsafePathError, DeviceMissingError) as exc:
             if req.required:
                 raise

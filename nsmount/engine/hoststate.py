@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .hostfacts import Skipped, resolve_spec
+from .hostfacts import MISSING_ON_HOST, Skipped, resolve_spec
 from ..model import mountinfo
 from ..model.hostmounts import HostMount, dev_submounts, hugetlbfs_mounts
 from ..model.mountinfo import MountTree
@@ -102,7 +102,9 @@ class HostState:
         return Desired(entries=entries, mounts=self.vm_mounts(spec), hugepage_dirs=dirs,
                        uid=spec.uid, gid=spec.gid,
                        host_mounts=tuple(self.tree.visible()),
-                       host_devs=self.mount_devs, host_dirs=all_hugetlbfs), skipped
+                       host_devs=self.mount_devs, host_dirs=all_hugetlbfs,
+                       gone=tuple(s.request.path for s in skipped
+                                  if s.reason == MISSING_ON_HOST)), skipped
 
     @property
     def mount_devs(self) -> frozenset[int]:

@@ -60,8 +60,9 @@ def observe(desired: Desired, host_devs: dict[str, int], *,
                               else f"unusable: {exc.strerror}")
         subs = tuple(h.path for h in desired.mounts if h.under_dev)
         mine = tuple(e for e in desired.entries if not in_submount(e.path, subs))
+        gone = tuple(p for p in desired.gone if not in_submount(p, subs))
         with fsops.DirCache(root) as dirs:
-            for path in [*parent_dirs(mine, skip=subs), *(e.path for e in mine)]:
+            for path in [*parent_dirs(mine, skip=subs), *(e.path for e in mine), *gone]:
                 _observe_entry(dirs, path, obs)
         for h in desired.mounts:
             try:

@@ -257,6 +257,16 @@ def diff(desired: Desired, observed: Observed) -> tuple[list[Drift], list[Action
                        f"is {have.describe()}, should be {want.describe()}")
             drifts.append(dr)
             acts.append(FixNode(want, reason=dr.describe()))
+    # optional devices the host has no node for any more: the VM's copy goes too (a
+    # major:minor left behind may name another device once the kernel reuses it)
+    for path in () if not_ours else desired.gone:
+        have = observed.entries.get(path)
+        if have is None or have.kind not in ("chr", "blk", "lnk") \
+                or in_submount(path, submounts):
+            continue
+        dr = Drift("stale-node", path, f"is {have.describe()}; the host has no {path} any more")
+        drifts.append(dr)
+        acts.append(RemoveEntry(path, reason=dr.describe()))
 
     # 3. mounts the VM must see
     for hm in desired.mounts:
@@ -326,6 +336,7 @@ def plan_rebuild(desired: Desired) -> list[Action]:
 #: what a hotplug (``device add``/``device remove``) may plan and report: /dev entries only
 NODE_ACTIONS = (MakeDir, MakeNode, FixNode, MakeSymlink, RemoveEntry)
 NODE_DRIFTS = frozenset({"missing-node", "missing-symlink", "missing-dir", "wrong-node",
+                         "stale-node",
                          "wrong-symlink", "wrong-attrs", "planted", "unsafe-path",
                          "foreign-dev"})
 #: what a rebuild reports besides the swap: the mounts the new /dev gets

@@ -165,7 +165,9 @@ class Launched:
             if timeout is not None and self.pidfd >= 0:
                 import select
 
-                if not select.select([self.pidfd], [], [], timeout)[0]:
+                p = select.poll()  # not select(): fd numbers above 1024 are common
+                p.register(self.pidfd, select.POLLIN)  # in a manager of many VMs
+                if not p.poll(max(0, int(timeout * 1000) + 1)):
                     raise TimeoutError(f"pid {self.pid} still runs after {timeout}s")
             _, status = os.waitpid(self.pid, 0)
             self.returncode = os.waitstatus_to_exitcode(status)

@@ -33,6 +33,9 @@ class Desired:
     #: the per-domain hugepage dirs must exist on the host side too (reconnect: what
     #: libvirt looks for after a daemon restart)
     host_dirs: bool = False
+    #: optional device paths of the spec that the host has no node at: a node the VM
+    #: still has there is stale (its major:minor may name another device tomorrow)
+    gone: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,7 @@ class Observed:
 
 @dataclass(frozen=True)
 class Drift:
-    kind: str  # missing-node, wrong-node, wrong-attrs, missing-mount, private-mount, ...
+    kind: str  # missing-node, wrong-node, stale-node, wrong-attrs, missing-mount, ...
     path: str
     detail: str
     #: False when nsmount will not fix it by itself (a foreign mount it won't stack on,

@@ -25,7 +25,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ... import __version__ as VERSION
@@ -61,6 +61,39 @@ RETRIES = 3
 JOB_SLACK = 5.0
 
 
+def raise_fd_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit: the service holds a pidfd per VM (1000
+    VMs do not fit in the usual soft limit of 1024)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as exc:
+            log.warning("cannot raise the open-files limit from %d: %s", soft, exc)
+
+
+#: what a VM's copy of a host device node is made from: (st_mode, st_rdev, uid, gid),
+#: None when the host has no node there
+NodeState = tuple[int, int, int, int] | None
+UNKNOWN_NODE: NodeState = (-1, -1, -1, -1)
+
+
+def host_node(path: str) -> NodeState:
+    """The host's node at ``path`` (the host's /dev: trusted; no link followed);
+    :data:`UNKNOWN_NODE` when it cannot be looked at (its events always count)."""
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError:
+        return UNKNOWN_NODE
+    return (st.st_mode, st.st_rdev, st.st_uid, st.st_gid)
+
+
 def sd_notify(msg: str) -> None:
     """systemd's readiness protocol: one datagram to $NOTIFY_SOCKET."""
     addr = os.environ.get("NOTIFY_SOCKET")
@@ -74,6 +107,17 @@ def sd_notify(msg: str) -> None:
             s.sendall(msg.encode())
     except OSError as exc:
         log.warning("sd_notify failed: %s", exc)
+
+
+@dataclass
+class _Waiting:
+    """A reconnect/started/repair request on its way to the pool."""
+
+    conn: Conn
+    req: Request
+    cand: Candidate
+    known: bool  # tracked by the service when it came
+    t0: float
 
 
 class Service:
@@ -102,6 +146,8 @@ class Service:
         self.batch_no = 0
         self.pool: Pool | None = None
         self.requests = 0  # socket requests being worked on by the pool
+        #: reconnect-type requests read in this turn of the loop (_flush_requests)
+        self.waiting: list[_Waiting] = []
         self.batch_timer: Timer | None = None
         self.batch_first: float | None = None
         self.mount_timer: Timer | None = None
@@ -111,6 +157,9 @@ class Service:
         self.jobs: dict[int, jobs.Job] = {}
         self.queue: deque[Callable[[], None]] = deque()
         self._dev_index: dict[str, set[int]] | None = None
+        #: host node (type+mode, rdev, owner) of each device path at its last uevent that
+        #: was acted on (None: absent); bounded by the paths the VMs name
+        self._node_seen: dict[str, NodeState] = {}
         self.uevents: Any = None
 
     # ------------------------------------------------------------------ settings
@@ -132,6 +181,7 @@ class Service:
 
     # ------------------------------------------------------------------ start/stop
     def start(self) -> None:
+        raise_fd_limit()
         self.gate.load(strict=True)  # a bad policy at start-up is an error (exit 3)
         # the workers first, while the service holds no sockets or watches to inherit
         self.pool = Pool(self.reactor, TASKS, size=self.workers,
@@ -161,6 +211,7 @@ class Service:
         self._signals()
         self.known_mounts = relevant_mounts(self.cfg.mounts)
         new = self.registry.rescan(scan=True)
+        self._note_nodes(new)
         self._mark([vm.pid for vm in new], time.monotonic())
         self._write_metrics()
         log.info("serving %d VM(s) on %s (mount events: %s, device events: %s)",
@@ -276,6 +327,11 @@ class Service:
             self._mark(list(self.registry.vms), first or time.monotonic(), settled=True)
 
     def _device_event(self, path: str, action: str) -> None:
+        """A uevent for ``path``: the VMs that name it are repaired when the host node
+        differs from what it was at the last event that reached them.  Most uevents
+        change no node -- /dev/kvm sends ``change`` whenever any KVM guest on the host
+        starts or stops, and ``echo change > .../uevent`` storms send thousands -- and
+        must not turn into a repair of every VM each time."""
         self.metrics.event("uevent")
         if self._dev_index is None:
             idx: dict[str, set[int]] = {}
@@ -283,14 +339,30 @@ class Service:
                 for p in vm.device_paths():
                     idx.setdefault(p, set()).add(vm.pid)
             self._dev_index = idx
+            self._node_seen = {p: st for p, st in self._node_seen.items() if p in idx}
         pids = self._dev_index.get(path)
-        if pids:
-            log.info("device %s: %s; repairing %d VM(s)", escape_name(path), action, len(pids))
-            self._mark(sorted(pids), time.monotonic())
+        if not pids:
+            return
+        node = host_node(path)
+        if node != UNKNOWN_NODE and path in self._node_seen and self._node_seen[path] == node:
+            self.metrics.event("uevent-unchanged")
+            return
+        self._node_seen[path] = node
+        log.info("device %s: %s; repairing %d VM(s)", escape_name(path), action, len(pids))
+        self._mark(sorted(pids), time.monotonic())
+
+    def _note_nodes(self, vms: list[Vm]) -> None:
+        """The host nodes of new VMs' device paths as they are now, before the VMs'
+        first run: a later uevent that changes none of them is nothing new for them.
+        (A path first met in a uevent counts as changed: its state before is unknown.)"""
+        for vm in vms:
+            for p in vm.device_paths():
+                self._node_seen.setdefault(p, host_node(p))
 
     def _uevent_overflow(self) -> None:
         self.metrics.event("uevent-overflow")
         self._dev_index = None
+        self._node_seen.clear()  # events were lost: the next ones all count
         self._mark([vm.pid for vm in self.registry.vms.values() if vm.device_paths()],
                    time.monotonic())
 
@@ -303,6 +375,7 @@ class Service:
         self.rescan_timer = None
         new = self.registry.rescan()
         self._dev_index = None
+        self._note_nodes(new)
         if new:
             self._mark([vm.pid for vm in new], time.monotonic())
 
@@ -509,29 +582,63 @@ class Service:
         else:
             origin = "libvirt-hook" if req.op in ("reconnect", "started") else "request"
             cand = Candidate(pid, origin, domain)
-        t0 = time.monotonic()
-
-        def done(_item: VmTask, value: Any, err: str | None) -> None:
-            self.requests -= 1
-            if err is not None:
-                conn.done(error(req.id, TIMEOUT if err.startswith("timed out") else FAILED,
-                                err))
-                return
-            rep = Report([value] if value is not None else [], time.monotonic() - t0)
-            if vm is None and any(o.status != "failed" for o in rep.outcomes):
-                # pinned and checked by the pipeline: from now on the service keeps it
-                self.registry.adopt(replace(cand))
-                self._dev_index = None
-            out = rep.to_dict()
-            self._account(out, {pid: t0})
-            self._write_metrics()
-            conn.done(ok(req.id, out))
-
         self.requests += 1
-        task = VmTask(cand, self.sdir, self.lvdir, req.timeout, self.cfg.mounts,
-                      self.cfg.default_devices, xml=req.xml)
-        assert self.pool is not None
-        self.pool.submit(Task("vm", [task], req.timeout, done, urgent=True))
+        if not self.waiting:  # the requests read in this turn of the loop go together
+            self.reactor.call_later(0, self._flush_requests)
+        self.waiting.append(_Waiting(conn, req, cand, vm is not None, time.monotonic()))
+
+    def _flush_requests(self) -> None:
+        """The reconnect/started/repair requests of one turn of the loop as urgent pool
+        tasks.  One request is one task of one VM, as before.  More (a libvirt daemon
+        restart sends one per domain, all at once) share one host reading (a batch
+        number) and are cut in chunks like an event batch, so a burst costs a few
+        hand-overs instead of one per request; each request is still answered, with a
+        report of its own VM alone, as soon as its VM is done."""
+        ws, self.waiting = self.waiting, []
+        if not ws or self.pool is None:
+            return
+        by_pid: dict[int, list[_Waiting]] = {}
+        for w in ws:
+            by_pid.setdefault(w.cand.pid, []).append(w)
+        batch: int | None = None
+        if len(by_pid) > 1:
+            self.batch_no += 1
+            batch = self.batch_no
+            log.info("%d request(s) for %d VM(s) handed to the workers together", len(ws),
+                     len(by_pid))
+        items = []
+        for group in by_pid.values():
+            w = group[0]
+            xml = next((x.req.xml for x in group if x.req.xml is not None), None)
+            items.append(VmTask(w.cand, self.sdir, self.lvdir,
+                                max(x.req.timeout for x in group), self.cfg.mounts,
+                                self.cfg.default_devices, xml=xml, batch=batch,
+                                bulk=batch is not None))
+
+        def done(item: VmTask, value: Any, err: str | None) -> None:
+            group = by_pid[item.cand.pid]
+            self.requests -= len(group)
+            if err is not None:
+                for w in group:
+                    w.conn.done(error(w.req.id, TIMEOUT if err.startswith("timed out")
+                                      else FAILED, err))
+                return
+            now = time.monotonic()
+            outs = [value] if value is not None else []
+            if any(not w.known for w in group) and any(o.status != "failed" for o in outs):
+                # pinned and checked by the pipeline: from now on the service keeps it
+                self.registry.adopt(replace(group[0].cand))
+                self._dev_index = None
+            out = Report(outs, now - min(w.t0 for w in group)).to_dict()
+            self._account(out, {item.cand.pid: min(w.t0 for w in group)})
+            self._write_metrics()
+            for w in group:
+                w.conn.done(ok(w.req.id, out))
+
+        size = max(1, -(-len(items) // (2 * self.pool.size)))
+        for k in range(0, len(items), size):
+            self.pool.submit(Task("vm", items[k:k + size], max(i.timeout for i in items),
+                                  done, urgent=True))
 
     def _req_device(self, conn: Conn, req: Request) -> None:
         from ..repair import device_add, device_remove

@@ -248,6 +248,9 @@ class Conn:
     def done(self, obj: dict[str, Any], fd: int | None = None) -> None:
         """Answer to a request that was in flight."""
         self.pending = max(0, self.pending - 1)
+        if self.pending == 0:
+            self._touch()  # the idle time counts from the last answer (a request that
+            # took longer than IDLE_SECONDS found the timer already gone: never closed)
         self.send(obj, fd)
         self._maybe_close()
 
