@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pytest
 from harness import in_sandbox, privileged
-from scenarios import libvirt
+from scenarios import libvirt, libvirt_serve
 
 HAVE_LIBVIRT = shutil.which("libvirtd") is not None and shutil.which("virsh") is not None
 
@@ -71,3 +71,33 @@ def test_libvirt_reconnect_hook_and_manual_reconnect() -> None:
     out = res.json()
     assert res.returncode == 0 and out.get("ok"), res.describe()
     print(json.dumps(out, indent=1))
+
+
+def _run(fn: object, *args: object, timeout: float = 120) -> dict[str, object]:
+    """``fn(tag, repo, *args)`` in a sandbox; the host's nr_hugepages and loop devices
+    are restored/detached here too, whatever happened inside."""
+    tag = f"nsmount-lv-{uuid.uuid4().hex[:8]}"
+    old_nr = Path(NR_HUGEPAGES).read_text().strip()
+    repo = str(Path(__file__).resolve().parent.parent)
+    try:
+        res = in_sandbox(fn, tag, repo, *args, timeout=timeout, check=False)  # type: ignore[arg-type]
+    finally:
+        if Path(NR_HUGEPAGES).read_text().strip() != old_nr:
+            Path(NR_HUGEPAGES).write_text(old_nr)
+        for loop in _our_loops(tag):
+            subprocess.run(["losetup", "-d", loop], check=False)
+    out: dict[str, object] = res.json()
+    assert res.returncode == 0 and out.get("ok"), res.describe()
+    print(json.dumps(out, indent=1))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["rshared", "private"])
+def test_libvirt_serve_hugetlbfs_while_running(mode: str) -> None:
+    """scenarios/libvirt_serve.py (its docstring says what libvirt itself requires):
+    hugetlbfs mounted while a domain runs reaches it through ``nsmount serve`` with no
+    command and no daemon restart; libvirt refuses the DIMM hotplug until it restarts
+    (its hugetlbfs list is from daemon start); at the restart the hook's reconnect goes
+    through the service; the DIMM attach then succeeds; the hugetlbfs mounted again
+    reaches the domain and a second DIMM attach succeeds with no restart."""
+    _run(libvirt_serve.hugetlbfs_while_running, mode, timeout=90)

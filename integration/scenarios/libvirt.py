@@ -126,9 +126,16 @@ def loop_device(img: str) -> str:
     return loop
 
 
-def domain_xml(name: str, dtype: str, disk: str) -> str:
+def domain_xml(name: str, dtype: str, disk: str, *, dimm_slots: int = 0) -> str:
+    """A minimal domain; with ``dimm_slots`` it can take memory DIMMs later (libvirt
+    needs ``maxMemory`` and a NUMA cell for that, QEMU an ACPI device)."""
+    hotplug = (f"<maxMemory slots='{dimm_slots}' unit='MiB'>1024</maxMemory>\n"
+               "  <cpu><numa><cell id='0' cpus='0' memory='64' unit='MiB'/></numa></cpu>\n"
+               "  <features><acpi/></features>"
+               if dimm_slots else "")
     return f"""<domain type='{dtype}'>
   <name>{name}</name>
+  {hotplug}
   <memory unit='MiB'>64</memory>
   <vcpu>1</vcpu>
   <os><type arch='x86_64'>hvm</type></os>

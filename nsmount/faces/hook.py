@@ -97,7 +97,8 @@ case "$1" in
     ''|*[!A-Za-z0-9._+:@-]*) ;;
     *)
         if [ -S "$sock" ] && command -v socat >/dev/null 2>&1; then
-            ans=$(printf '{"v":1,"op":"%s","domain":"%s","timeout":30}\\n' "$2" "$1" |
+            ans=$(printf '{"v":1,"op":"%s","domain":"%s","timeout":30,"id":"libvirt-hook"}\\n' \\
+                "$2" "$1" |
                   socat -t 40 - "UNIX-CONNECT:$sock" 2>/dev/null)
             case "$ans" in
                 *'"ok":true'*) cat >/dev/null 2>&1

@@ -76,6 +76,24 @@ def sd_notify(msg: str) -> None:
         log.warning("sd_notify failed: %s", exc)
 
 
+def _log_request(conn: Conn, req: Request, pid: int, value: Any, err: str | None,
+                 seconds: float, note: str = "") -> None:
+    """One line per reconnect/started/repair request: who asked (the hook's shell path
+    sends ``id`` ``libvirt-hook``, its Python fallback ``libvirt-hook-py``), for which VM,
+    and how it ended; the admin's (and the tests') proof of which path a hook took."""
+    if err is not None:
+        how = f"error: {escape_name(err)}"
+    else:
+        how = ", ".join(f"{o.get('status')}"
+                        + (f" ({len(o.get('actions', []))} action(s))"
+                           if o.get("status") == "repaired" else "")
+                        for o in value.get("vms", [])) or "no VM"
+    log.info("request %s %s (pid %d) from uid %d pid %d id %s: %s%s in %.3fs", req.op,
+             escape_name(req.domain) if req.domain is not None else "-", pid, conn.uid,
+             conn.peer_pid, escape_name(str(req.id)) if req.id is not None else "-", how,
+             note, seconds)
+
+
 class Service:
     def __init__(self, cfg: Config, *, config_arg: str | None = None,
                  sdir: str | None = None, lvdir: str | None = None,
@@ -513,11 +531,12 @@ class Service:
 
         def done(_item: VmTask, value: Any, err: str | None) -> None:
             self.requests -= 1
+            rep = Report([value] if value is not None else [], time.monotonic() - t0)
+            _log_request(conn, req, pid, rep.to_dict(), err, time.monotonic() - t0)
             if err is not None:
                 conn.done(error(req.id, TIMEOUT if err.startswith("timed out") else FAILED,
                                 err))
                 return
-            rep = Report([value] if value is not None else [], time.monotonic() - t0)
             if vm is None and any(o.status != "failed" for o in rep.outcomes):
                 # pinned and checked by the pipeline: from now on the service keeps it
                 self.registry.adopt(replace(cand))
