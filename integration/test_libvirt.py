@@ -101,3 +101,12 @@ def test_libvirt_serve_hugetlbfs_while_running(mode: str) -> None:
     through the service; the DIMM attach then succeeds; the hugetlbfs mounted again
     reaches the domain and a second DIMM attach succeeds with no restart."""
     _run(libvirt_serve.hugetlbfs_while_running, mode, timeout=90)
+
+
+def test_libvirt_reconnect_hook_through_the_service() -> None:
+    """The restart scenario above (seed failure, manual reconnect, the hook at a daemon
+    restart) with ``nsmount serve`` running for the restart: the hook's reconnect
+    requests for both domains are served by the service (its log), object-add in nsm1
+    succeeds, a final ``nsmount reconnect`` finds nothing to do."""
+    out = _run(libvirt.reconnect_hook_and_manual_reconnect, True, timeout=90)
+    assert out["service-log"], out
