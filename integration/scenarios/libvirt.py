@@ -126,9 +126,15 @@ def loop_device(img: str) -> str:
     return loop
 
 
-def domain_xml(name: str, dtype: str, disk: str, *, dimm_slots: int = 0) -> str:
-    """A minimal domain; with ``dimm_slots`` it can take memory DIMMs later (libvirt
-    needs ``maxMemory`` and a NUMA cell for that, QEMU an ACPI device)."""
+def domain_xml(name: str, dtype: str, disk: str | None, *, dimm_slots: int = 0) -> str:
+    """A minimal domain (no disk when ``disk`` is None); with ``dimm_slots`` it can take
+    memory DIMMs later (libvirt needs ``maxMemory`` and a NUMA cell for that, QEMU an
+    ACPI device)."""
+    disk_xml = (f"""<disk type='block' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source dev='{disk}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>""" if disk else "")
     hotplug = (f"<maxMemory slots='{dimm_slots}' unit='MiB'>1024</maxMemory>\n"
                "  <cpu><numa><cell id='0' cpus='0' memory='64' unit='MiB'/></numa></cpu>\n"
                "  <features><acpi/></features>"
@@ -141,11 +147,7 @@ def domain_xml(name: str, dtype: str, disk: str, *, dimm_slots: int = 0) -> str:
   <os><type arch='x86_64'>hvm</type></os>
   <devices>
     <emulator>{shutil.which('qemu-system-x86_64')}</emulator>
-    <disk type='block' device='disk'>
-      <driver name='qemu' type='raw'/>
-      <source dev='{disk}'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
+    {disk_xml}
     <video><model type='none'/></video>
     <memballoon model='none'/>
   </devices>
@@ -226,7 +228,7 @@ def reconnect_hook_and_manual_reconnect(tag: str, repo: str, service: bool = Fal
             def served(name: str) -> bool:
                 return any(f"request reconnect {name} (pid {doms[name]['pid']})" in ln
                            and "id libvirt-hook:" in ln
-                           and (": ok in" in ln or ": repaired" in ln)
+                           and (": ok" in ln or ": repaired" in ln)
                            for ln in read_text(LOG)[mark:].splitlines())
 
             wait_for(lambda: served("nsm1") and served("nsm2"), f"hook requests in {LOG}", 30)

@@ -175,7 +175,7 @@ def hugetlbfs_while_running(tag: str, repo: str, mode: str) -> None:
 
         def reconnected() -> bool:
             return any(f"request reconnect {name} (pid {pid})" in ln
-                       and "id libvirt-hook:" in ln and (": ok in" in ln or ": repaired" in ln)
+                       and "id libvirt-hook:" in ln and (": ok" in ln or ": repaired" in ln)
                        for ln in service_lines(mark))
 
         # libvirt reconnects to its domains (and runs the hook) in threads of their own

@@ -94,6 +94,21 @@ def _log_request(conn: Conn, req: Request, pid: int, value: Any, err: str | None
              note, seconds)
 
 
+#: a ``started`` request is answered from a check of the VM that began at most this
+#: long before, with no event for the VM since (see Service.fresh_check)
+FRESH = 2.0
+
+
+def _node_state(path: str) -> tuple[int, ...] | None:
+    """The host's node at ``path`` (the host's own /dev, not a VM's): what a VM's copy
+    is made from, or None when there is none."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_mode, st.st_rdev, st.st_uid, st.st_gid)
+
+
 class Service:
     def __init__(self, cfg: Config, *, config_arg: str | None = None,
                  sdir: str | None = None, lvdir: str | None = None,
@@ -129,6 +144,8 @@ class Service:
         self.jobs: dict[int, jobs.Job] = {}
         self.queue: deque[Callable[[], None]] = deque()
         self._dev_index: dict[str, set[int]] | None = None
+        #: host node state (type+rdev, mode, owner) at the last event that repaired it
+        self._dev_seen: dict[str, tuple[int, ...] | None] = {}
         self.uevents: Any = None
 
     # ------------------------------------------------------------------ settings
@@ -302,7 +319,14 @@ class Service:
                     idx.setdefault(p, set()).add(vm.pid)
             self._dev_index = idx
         pids = self._dev_index.get(path)
+        if pids and action == "change" and self._dev_seen.get(path, ()) == _node_state(path):
+            # the node is as it was at the last event: nothing a VM could lack (KVM sends
+            # a "change" on /dev/kvm for every VM created or destroyed: without this,
+            # every VM start would recheck every VM that has /dev/kvm)
+            log.debug("device %s: change, node unchanged", escape_name(path))
+            return
         if pids:
+            self._dev_seen[path] = _node_state(path)
             log.info("device %s: %s; repairing %d VM(s)", escape_name(path), action, len(pids))
             self._mark(sorted(pids), time.monotonic())
 
@@ -336,12 +360,14 @@ class Service:
         for ``debounce_ms`` (``settled``: they were debounced already, start now)."""
         if not pids:
             return
+        now = time.monotonic()
         for pid in pids:
-            if pid in self.registry.vms:
+            vm = self.registry.vms.get(pid)
+            if vm is not None:
                 self.dirty[pid] = min(self.dirty.get(pid, t_event), t_event)
+                vm.event_at = now
         if self.batch is not None:
             return  # the next batch starts when this one is done
-        now = time.monotonic()
         if self.batch_first is None:
             self.batch_first = now
         if self.batch_timer is not None:
@@ -378,7 +404,7 @@ class Service:
         self.batch = None
         self.metrics.batches += 1
         report = batch.report().to_dict()
-        self._account(report, batch.todo)
+        self._account(report, batch.todo, t_run=batch.started)
         log.info("batch of %d VM(s) done in %.3fs (VMs took %.3fs in all)", batch.size,
                  time.monotonic() - batch.started, sum(o.seconds for o in batch.outcomes))
         self._retry_failed(report, batch.todo)
@@ -403,8 +429,10 @@ class Service:
             else:
                 self.retries.pop(pid, None)
 
-    def _account(self, report: dict[str, Any], t_events: dict[int, float] | None = None
-                 ) -> None:
+    def _account(self, report: dict[str, Any], t_events: dict[int, float] | None = None,
+                 *, t_run: float | None = None) -> None:
+        """Metrics, log lines and each VM's state from a report of a run that began at
+        ``t_run`` (a VM found or left right by it is clean from then on)."""
         now = time.monotonic()
         for o in report.get("vms", []):
             st = o.get("status")
@@ -421,6 +449,7 @@ class Service:
             vm = self.registry.vms.get(o.get("pid", -1))
             if vm is not None:
                 vm.note(o)
+                vm.clean_from = t_run if st in ("ok", "repaired") else None
             if t_events and o.get("pid") in t_events and st in ("repaired", "ok"):
                 self.metrics.latency(now - t_events[o["pid"]])
 
@@ -519,9 +548,30 @@ class Service:
 
         return resolve_target(str(req.domain), lvdir=self.lvdir)
 
+    def fresh_check(self, vm: Vm | None, req: Request) -> float | None:
+        """How long ago (seconds) a run that found or left ``vm`` right began, when a
+        ``started`` request may be answered from it: libvirt runs the hook's ``started``
+        right after the QEMU process appeared, and by then the service has mostly
+        checked the new VM already (libvirt's state directory told it).  Only without
+        a domain XML (the hook's shell path), within FRESH seconds, with no event for
+        the VM since that run began and none pending.  Else None: run the pipeline."""
+        if req.op != "started" or req.xml is not None or vm is None \
+                or vm.clean_from is None or vm.pid in self.dirty:
+            return None
+        age = time.monotonic() - vm.clean_from
+        return age if vm.clean_from >= vm.event_at and age < FRESH else None
+
     def _req_reconnect(self, conn: Conn, req: Request) -> None:
         pid, domain = self._pid_of(req)
         vm = self.registry.vms.get(pid)
+        age = self.fresh_check(vm, req)
+        if vm is not None and age is not None:
+            out = Outcome(pid, vm.name, vm.source, extra={"checked_ago": round(age, 4)})
+            value = Report([out]).to_dict()
+            _log_request(conn, req, pid, value, None, 0.0,
+                         note=f" (checked {age * 1000:.0f} ms before)")
+            conn.done(ok(req.id, value))
+            return
         if vm is not None:
             cand = replace(vm.cand, name=vm.cand.name or domain)
         else:
@@ -542,7 +592,7 @@ class Service:
                 self.registry.adopt(replace(cand))
                 self._dev_index = None
             out = rep.to_dict()
-            self._account(out, {pid: t0})
+            self._account(out, {pid: t0}, t_run=t0)
             self._write_metrics()
             conn.done(ok(req.id, out))
 
