@@ -1,7 +1,29 @@
-"""The real libvirt QEMU driver (libvirt 9.x), the seed failure and both fixes.
+"""The real libvirt QEMU driver (libvirt 9.x): the seed failure and both fixes, and the
+same with ``nsmount serve`` (issue 10).
+
+=========================================  ===============================================
+test                                       what
+=========================================  ===============================================
+reconnect_hook_and_manual_reconnect        the scenario below (no service)
+serve_hugetlbfs_while_running[rshared,     scenarios/libvirt_serve.py, host ``/`` rshared
+private]                                   or private: hugetlbfs mounted while a domain
+                                           runs reaches it (and its per-domain dir) with
+                                           the service and no command/restart; libvirt
+                                           itself refuses the hugepage DIMM until it
+                                           restarts (its hugetlbfs list is from daemon
+                                           start: that module's docstring has the libvirt
+                                           source references); at the restart the hook's
+                                           reconnect is served by the service (its log);
+                                           the DIMM attach succeeds; remounted at the same
+                                           path, a second DIMM attach needs no restart
+reconnect_hook_through_the_service         the scenario below, the service running for
+                                           the restart: the hook's requests for both
+                                           domains served by it (its log)
+=========================================  ===============================================
 
 Runs when ``libvirtd`` is installed (``integration/libvirt_setup.sh`` installs the
-packages and the users libvirt needs) or ``NSMOUNT_LIBVIRT_TESTS=1``.  Slow (~1 min).
+packages and the users libvirt needs) or ``NSMOUNT_LIBVIRT_TESTS=1``.  Each test takes
+5 to 15 s here (limit 90 s).
 
 Everything runs in one sandbox (tests/sandbox.py: private mount + PID namespace):
 tmpfs over /etc/libvirt, /var/lib/libvirt, /var/log/libvirt, /var/cache/libvirt, the
