@@ -9,7 +9,10 @@ executable bit, which libvirt checks at every call, so both modes run against th
 daemon and the runs can alternate (``--reps`` pairs, order flipped every pair).  One run
 = ``virsh create --paused`` of N diskless 64 MiB domains in one virsh session (timed;
 paused so that running guests do not take the CPU from the next creations), then
-``virsh destroy`` of all of them (timed separately).  Then the hook's own time per
+``virsh destroy`` of all of them (timed separately).  Then N domains run and libvirtd
+is restarted (``--restart-reps`` per mode, alternating): timed from SIGTERM until every
+domain answers a monitor command, i.e. libvirt's reconnect of each (which runs the
+``reconnect`` hook) is done.  Then the hook's own time per
 operation: the installed script run directly for an ignored operation (``prepare
 begin``) and for ``started begin`` of a running domain (answered by the service), next
 to ``sh -c true``, and for ``reconnect begin`` (the service always runs the pipeline
@@ -53,7 +56,14 @@ def _timed(cmd: list[str], stdin: str = "") -> float:
 
 def sandbox_main(cfg: dict[str, Any]) -> None:
     sys.path.insert(0, str(REPO_ROOT / "integration"))
-    from scenarios.libvirt import URI, domain_xml, private_libvirt, start_daemons, stop_daemons
+    from scenarios.libvirt import (
+        URI,
+        domain_xml,
+        private_libvirt,
+        restart_libvirtd,
+        start_daemons,
+        stop_daemons,
+    )
     from scenarios.libvirt_serve import kvm_or_tcg
     from scenarios.serve import LOG, serve
     from vmhelpers import PY, emit, read_text, sh
@@ -74,26 +84,47 @@ def sandbox_main(cfg: dict[str, Any]) -> None:
     create = virsh + ["; ".join(f"create --paused /run/{name}.xml" for name in names)]
     destroy = virsh + ["; ".join(f"destroy {name}" for name in names)]
 
+    # after a restart: every domain reconnected (a monitor command needs the domain's
+    # job, which libvirt's reconnect thread holds until it is done, hook included)
+    reconnected = virsh + ["; ".join(f"qemu-monitor-command {name} --hmp 'info status'"
+                                     for name in names)]
+
     nsmount_hook = read_text(HOOK)
+
+    def use(mode: str) -> None:
+        with open(HOOK, "w") as fh:
+            fh.write(nsmount_hook if mode == "hook" else "#!/bin/sh\nexit 0\n")
+        os.chmod(HOOK, 0o644 if mode == "none" else 0o755)
+
     samples: dict[str, dict[str, list[float]]] = {
-        m: {"create": [], "destroy": []} for m in MODES}
+        m: {"create": [], "destroy": [], "restart": []} for m in MODES}
     try:
         for rep in range(reps + 1):  # the first round is a warm-up
             order = MODES if rep % 2 == 0 else MODES[::-1]
             for mode in order:
-                with open(HOOK, "w") as fh:
-                    fh.write(nsmount_hook if mode == "hook" else "#!/bin/sh\nexit 0\n")
-                os.chmod(HOOK, 0o644 if mode == "none" else 0o755)
+                use(mode)
                 tc = _timed(create)
                 td = _timed(destroy)
                 if rep:
                     samples[mode]["create"].append(tc)
                     samples[mode]["destroy"].append(td)
-        with open(HOOK, "w") as fh:
-            fh.write(nsmount_hook)
-        os.chmod(HOOK, 0o755)
+        # a daemon restart with N domains running, until all are reconnected
+        use("none")
+        _timed(create)
+        for rep in range(int(cfg["restart_reps"]) + 1):
+            order = MODES if rep % 2 == 0 else MODES[::-1]
+            for mode in order:
+                use(mode)
+                t0 = time.perf_counter()
+                restart_libvirtd()
+                _timed(reconnected)
+                if rep:
+                    samples[mode]["restart"].append(time.perf_counter() - t0)
+        _timed(destroy)
+        use("hook")
         lines = [ln for ln in read_text(LOG).splitlines() if " request started bench" in ln]
         served = len(lines)
+        reconnects = sum(" request reconnect bench" in ln for ln in read_text(LOG).splitlines())
         # what the service itself took per 'started' request (its log: "... in 0.012s")
         service_ms = [float(ln.rsplit(" in ", 1)[1].rstrip("s")) * 1000 for ln in lines]
 
@@ -116,13 +147,15 @@ def sandbox_main(cfg: dict[str, Any]) -> None:
         stop_daemons()
     out: dict[str, Any] = {
         "n": n, "reps": reps, "domain_type": dtype, "started_requests_served": served,
+        "reconnect_requests_served": reconnects,
         "create": {m: stats(samples[m]["create"]) for m in samples},
         "destroy": {m: stats(samples[m]["destroy"]) for m in samples},
+        "restart": {m: stats(samples[m]["restart"]) for m in samples},
         "per_op_ms": {k: stats([x * 1000 for x in v]) for k, v in per_op.items()},
         "service_started_ms": stats(service_ms),
         "samples": samples,
     }
-    for what in ("create", "destroy"):
+    for what in ("create", "destroy", "restart"):
         # each round's own ratio (its runs are next to each other in time): less
         # sensitive to load from other work that comes and goes than the medians' ratio
         out[f"{what}_paired_ratio"] = statistics.median(
@@ -139,14 +172,17 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=10, help="domains per run")
     ap.add_argument("--reps", type=int, default=5, help="timed runs per mode")
     ap.add_argument("--op-reps", type=int, default=30, help="direct hook runs per op")
+    ap.add_argument("--restart-reps", type=int, default=3,
+                    help="timed daemon restarts per mode")
     ap.add_argument("--json", default=str(RESULTS / "libvirt_hook.json"))
     a = ap.parse_args()
     print(header("libvirt-hook", n=a.n, reps=a.reps))
     res, elapsed = run_sandbox_main("bench_libvirt_hook",
-                                    {"n": a.n, "reps": a.reps, "op_reps": a.op_reps},
+                                    {"n": a.n, "reps": a.reps, "op_reps": a.op_reps,
+                                     "restart_reps": a.restart_reps},
                                     hugetlbfs=[], timeout=900)
     print(f"\n{'':28}{'median s':>10}{'p90 s':>10}{'min s':>10}")
-    for what in ("create", "destroy"):
+    for what in ("create", "destroy", "restart"):
         for mode, label in (("none", "without hook"), ("exit0", "hook 'exit 0'"),
                             ("hook", "nsmount hook")):
             s = res[what][mode]
@@ -163,6 +199,9 @@ def main() -> None:
     print(f"  {'(service side of started)':26}{s['median']:10.2f}{s['p90']:10.2f}")
     print(f"\n'started' requests served by the service: {res['started_requests_served']} "
           f"(expected {res['n'] * (res['reps'] + 1)}: one per domain created with the hook)")
+    print(f"'reconnect' requests served by the service: {res['reconnect_requests_served']} "
+          f"(expected {res['n'] * (a.restart_reps + 1)}: one per domain per restart with "
+          "the hook)")
     write_result(a.json, "libvirt-hook", {"params": vars(a), "elapsed": elapsed, **res})
 
 
