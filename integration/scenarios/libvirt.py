@@ -19,7 +19,7 @@ import sysconfig
 import time
 from typing import Any
 
-from vmhelpers import PY, mount_hugetlbfs, read_text, sh
+from vmhelpers import PY, mount_hugetlbfs, read_text, sh, wait_for
 
 LOG: list[str] = []
 PROCS: dict[str, subprocess.Popen[str]] = {}
@@ -126,19 +126,28 @@ def loop_device(img: str) -> str:
     return loop
 
 
-def domain_xml(name: str, dtype: str, disk: str) -> str:
+def domain_xml(name: str, dtype: str, disk: str | None, *, dimm_slots: int = 0) -> str:
+    """A minimal domain (no disk when ``disk`` is None); with ``dimm_slots`` it can take
+    memory DIMMs later (libvirt needs ``maxMemory`` and a NUMA cell for that, QEMU an
+    ACPI device)."""
+    disk_xml = (f"""<disk type='block' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source dev='{disk}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>""" if disk else "")
+    hotplug = (f"<maxMemory slots='{dimm_slots}' unit='MiB'>1024</maxMemory>\n"
+               "  <cpu><numa><cell id='0' cpus='0' memory='64' unit='MiB'/></numa></cpu>\n"
+               "  <features><acpi/></features>"
+               if dimm_slots else "")
     return f"""<domain type='{dtype}'>
   <name>{name}</name>
+  {hotplug}
   <memory unit='MiB'>64</memory>
   <vcpu>1</vcpu>
   <os><type arch='x86_64'>hvm</type></os>
   <devices>
     <emulator>{shutil.which('qemu-system-x86_64')}</emulator>
-    <disk type='block' device='disk'>
-      <driver name='qemu' type='raw'/>
-      <source dev='{disk}'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
+    {disk_xml}
     <video><model type='none'/></video>
     <memballoon model='none'/>
   </devices>
@@ -146,10 +155,17 @@ def domain_xml(name: str, dtype: str, disk: str) -> str:
 """
 
 
-def reconnect_hook_and_manual_reconnect(tag: str, repo: str) -> None:
+def reconnect_hook_and_manual_reconnect(tag: str, repo: str, service: bool = False) -> None:
     """Two domains started before hugetlbfs is mounted; (i) a daemon restart alone does
     not bring it in; (iii) ``nsmount reconnect nsm2`` does, for nsm2 only; (ii) the
-    installed hook does it for nsm1 at the next daemon restart."""
+    installed hook does it for nsm1 at the next daemon restart.
+
+    With ``service``, ``nsmount serve`` is started before (ii) (started earlier, it would
+    bring the mount in by itself and (i) could not be shown): the hook's shell path
+    then asks the service (its log names each request and the client's id,
+    ``libvirt-hook``; never the Python fallback's ``libvirt-hook-py``).  The service,
+    starting, already repairs nsm1 from libvirt's state directory: the hook's answer
+    for it may be ``ok``."""
     private_libvirt(repo)
     loops = []
     old_nr = read_text("/proc/sys/vm/nr_hugepages").strip()
@@ -202,7 +218,23 @@ def reconnect_hook_and_manual_reconnect(tag: str, repo: str) -> None:
         r = sh([PY, "-m", "nsmount", "install-hook", "--hooks-dir", "/etc/libvirt/hooks"])
         result["install-hook"] = r.stdout.strip()
         assert os.access("/etc/libvirt/hooks/qemu.d/50-nsmount", os.X_OK)
+        if service:
+            from scenarios.serve import LOG, serve
+
+            serve()
+            mark = len(read_text(LOG))
         restart_libvirtd()
+        if service:
+            def served(name: str) -> bool:
+                return any(f"request reconnect {name} (pid {doms[name]['pid']})" in ln
+                           and "id libvirt-hook:" in ln
+                           and (": ok" in ln or ": repaired" in ln)
+                           for ln in read_text(LOG)[mark:].splitlines())
+
+            wait_for(lambda: served("nsm1") and served("nsm2"), f"hook requests in {LOG}", 30)
+            lines = [ln for ln in read_text(LOG)[mark:].splitlines() if " request " in ln]
+            result["service-log"] = lines
+            assert not any("libvirt-hook-py" in ln for ln in lines), lines
         rc, out = object_add("nsm1", "m2", str(doms["nsm1"]["mem"]))
         result["after-hook-nsm1"] = [rc, out]
         with open("/var/log/libvirt/libvirtd.log", errors="replace") as fh:

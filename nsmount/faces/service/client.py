@@ -107,7 +107,8 @@ def hook_request(domain: str, op: str, xml: str | None, *, timeout: float = 60.0
                  sdir: str | None = None) -> list[str] | None:
     """The libvirt hook's request (``reconnect``/``started``) to the service: the lines
     to log, or None when no service answers (the hook then repairs in-process)."""
-    obj: dict[str, Any] = {"op": op, "domain": domain, "timeout": min(timeout, 300.0)}
+    obj: dict[str, Any] = {"op": op, "domain": domain, "timeout": min(timeout, 300.0),
+                           "id": "libvirt-hook-py"}
     if xml and xml.strip():
         obj["xml"] = xml
     try:

@@ -46,6 +46,10 @@ class Vm:
     drift: list[str] = field(default_factory=list)
     error: str = ""
     runs: int = 0
+    #: monotonic start of the last run that found or left the VM right (None after a
+    #: failure), and of the last event that concerned it: see Service.fresh_check
+    clean_from: float | None = None
+    event_at: float = 0.0
 
     @property
     def pid(self) -> int:

@@ -120,6 +120,29 @@ class _Waiting:
     t0: float
 
 
+def _log_request(conn: Conn, req: Request, pid: int, value: Any, err: str | None,
+                 seconds: float, note: str = "") -> None:
+    """One line per reconnect/started/repair request: who asked (the hook's shell path
+    sends ``id`` ``libvirt-hook``, its Python fallback ``libvirt-hook-py``), for which VM,
+    and how it ended; the admin's (and the tests') proof of which path a hook took."""
+    if err is not None:
+        how = f"error: {escape_name(err)}"
+    else:
+        how = ", ".join(f"{o.get('status')}"
+                        + (f" ({len(o.get('actions', []))} action(s))"
+                           if o.get("status") == "repaired" else "")
+                        for o in value.get("vms", [])) or "no VM"
+    log.info("request %s %s (pid %d) from uid %d pid %d id %s: %s%s in %.3fs", req.op,
+             escape_name(req.domain) if req.domain is not None else "-", pid, conn.uid,
+             conn.peer_pid, escape_name(str(req.id)) if req.id is not None else "-", how,
+             note, seconds)
+
+
+#: a ``started`` request is answered from a check of the VM that began at most this
+#: long before, with no event for the VM since (see Service.fresh_check)
+FRESH = 2.0
+
+
 class Service:
     def __init__(self, cfg: Config, *, config_arg: str | None = None,
                  sdir: str | None = None, lvdir: str | None = None,
@@ -391,12 +414,14 @@ class Service:
         for ``debounce_ms`` (``settled``: they were debounced already, start now)."""
         if not pids:
             return
+        now = time.monotonic()
         for pid in pids:
-            if pid in self.registry.vms:
+            vm = self.registry.vms.get(pid)
+            if vm is not None:
                 self.dirty[pid] = min(self.dirty.get(pid, t_event), t_event)
+                vm.event_at = now
         if self.batch is not None:
             return  # the next batch starts when this one is done
-        now = time.monotonic()
         if self.batch_first is None:
             self.batch_first = now
         if self.batch_timer is not None:
@@ -433,7 +458,7 @@ class Service:
         self.batch = None
         self.metrics.batches += 1
         report = batch.report().to_dict()
-        self._account(report, batch.todo)
+        self._account(report, batch.todo, t_run=batch.started)
         log.info("batch of %d VM(s) done in %.3fs (VMs took %.3fs in all)", batch.size,
                  time.monotonic() - batch.started, sum(o.seconds for o in batch.outcomes))
         self._retry_failed(report, batch.todo)
@@ -458,8 +483,10 @@ class Service:
             else:
                 self.retries.pop(pid, None)
 
-    def _account(self, report: dict[str, Any], t_events: dict[int, float] | None = None
-                 ) -> None:
+    def _account(self, report: dict[str, Any], t_events: dict[int, float] | None = None,
+                 *, t_run: float | None = None) -> None:
+        """Metrics, log lines and each VM's state from a report of a run that began at
+        ``t_run`` (a VM found or left right by it is clean from then on)."""
         now = time.monotonic()
         for o in report.get("vms", []):
             st = o.get("status")
@@ -476,6 +503,7 @@ class Service:
             vm = self.registry.vms.get(o.get("pid", -1))
             if vm is not None:
                 vm.note(o)
+                vm.clean_from = t_run if st in ("ok", "repaired") else None
             if t_events and o.get("pid") in t_events and st in ("repaired", "ok"):
                 self.metrics.latency(now - t_events[o["pid"]])
 
@@ -574,9 +602,30 @@ class Service:
 
         return resolve_target(str(req.domain), lvdir=self.lvdir)
 
+    def fresh_check(self, vm: Vm | None, req: Request) -> float | None:
+        """How long ago (seconds) a run that found or left ``vm`` right began, when a
+        ``started`` request may be answered from it: libvirt runs the hook's ``started``
+        right after the QEMU process appeared, and by then the service has mostly
+        checked the new VM already (libvirt's state directory told it).  Only without
+        a domain XML (the hook's shell path), within FRESH seconds, with no event for
+        the VM since that run began and none pending.  Else None: run the pipeline."""
+        if req.op != "started" or req.xml is not None or vm is None \
+                or vm.clean_from is None or vm.pid in self.dirty:
+            return None
+        age = time.monotonic() - vm.clean_from
+        return age if vm.clean_from >= vm.event_at and age < FRESH else None
+
     def _req_reconnect(self, conn: Conn, req: Request) -> None:
         pid, domain = self._pid_of(req)
         vm = self.registry.vms.get(pid)
+        age = self.fresh_check(vm, req)
+        if vm is not None and age is not None:
+            out = Outcome(pid, vm.name, vm.source, extra={"checked_ago": round(age, 4)})
+            value = Report([out]).to_dict()
+            _log_request(conn, req, pid, value, None, 0.0,
+                         note=f" (checked {age * 1000:.0f} ms before)")
+            conn.done(ok(req.id, value))
+            return
         if vm is not None:
             cand = replace(vm.cand, name=vm.cand.name or domain)
         else:
@@ -618,21 +667,24 @@ class Service:
         def done(item: VmTask, value: Any, err: str | None) -> None:
             group = by_pid[item.cand.pid]
             self.requests -= len(group)
+            now = time.monotonic()
+            t0 = min(w.t0 for w in group)
             if err is not None:
                 for w in group:
+                    _log_request(w.conn, w.req, item.cand.pid, None, err, now - w.t0)
                     w.conn.done(error(w.req.id, TIMEOUT if err.startswith("timed out")
                                       else FAILED, err))
                 return
-            now = time.monotonic()
             outs = [value] if value is not None else []
             if any(not w.known for w in group) and any(o.status != "failed" for o in outs):
                 # pinned and checked by the pipeline: from now on the service keeps it
                 self.registry.adopt(replace(group[0].cand))
                 self._dev_index = None
-            out = Report(outs, now - min(w.t0 for w in group)).to_dict()
-            self._account(out, {item.cand.pid: min(w.t0 for w in group)})
+            out = Report(outs, now - t0).to_dict()
+            self._account(out, {item.cand.pid: t0}, t_run=t0)
             self._write_metrics()
             for w in group:
+                _log_request(w.conn, w.req, item.cand.pid, out, None, now - w.t0)
                 w.conn.done(ok(w.req.id, out))
 
         size = max(1, -(-len(items) // (2 * self.pool.size)))
