@@ -459,8 +459,11 @@ class Service:
         self.metrics.batches += 1
         report = batch.report().to_dict()
         self._account(report, batch.todo, t_run=batch.started)
-        log.info("batch of %d VM(s) done in %.3fs (VMs took %.3fs in all)", batch.size,
-                 time.monotonic() - batch.started, sum(o.seconds for o in batch.outcomes))
+        now = time.monotonic()
+        log.info("batch of %d VM(s) done in %.3fs, %.3fs after its first event (VMs took "
+                 "%.3fs in all)", batch.size, now - batch.started,
+                 now - min(batch.todo.values(), default=batch.started),
+                 sum(o.seconds for o in batch.outcomes))
         self._retry_failed(report, batch.todo)
         self._write_metrics()
         if self.dirty:
