@@ -5,9 +5,9 @@ machine's uevents).
 ==================  ============================================================
 case                what
 ==================  ============================================================
-events_end_to_end   20 VMs started with ``nsmount exec`` while the service runs,
+events_end_to_end   50 VMs started with ``nsmount exec`` while the service runs,
                     before any hugetlbfs exists; mounting hugetlbfs makes it and
-                    each per-domain dir visible in all 20 with no command run; an
+                    each per-domain dir visible in all 50 with no command run; an
                     optional device of one VM appears there after its node is made
                     and a real uevent fires; 5 VMs killed leave ``list`` and their
                     records; ``nsmount reconnect`` then exits 0; metrics written;

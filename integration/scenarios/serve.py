@@ -138,7 +138,7 @@ def assert_reconnect_clean() -> dict[str, Any]:
 
 # ----------------------------------------------------------------- scenarios
 def events_end_to_end() -> None:
-    n_vms = 20
+    n_vms = 50
     svc = serve("--metrics-file", "/run/nsmount.prom")
     # loop5's node is not on this host yet: the VM that lists it (optional) starts without it
     os.unlink("/dev/loop5")
@@ -185,19 +185,19 @@ def events_end_to_end() -> None:
     assert not os.path.exists(f"/proc/{pids[1]}/root/dev/loop5")  # only the VM that names it
 
     # 3. five VMs exit: gone from list and from the records
-    for vm in procs[15:]:
+    for vm in procs[n_vms - 5:]:
         stop(vm)
-    dead = pids[15:]
+    dead = pids[n_vms - 5:]
     wait_for(lambda: not (set(dead) & set(listed()[1])), "exited VMs to leave list", 20)
     src, now = listed()
-    assert src == "service" and set(now) == set(pids[:15]), (src, sorted(now))
+    assert src == "service" and set(now) == set(pids[:n_vms - 5]), (src, sorted(now))
     assert not any(os.path.exists(f"/run/nsmount/vms/{pid}.json") for pid in dead)
     assert not [n for n in os.listdir("/run/nsmount/locks") if int(n.split("-")[0]) in dead]
     settle()
     rep = assert_reconnect_clean()
-    assert rep["summary"]["total"] == 15, rep["summary"]
+    assert rep["summary"]["total"] == n_vms - 5, rep["summary"]
     prom = read_text("/run/nsmount.prom")
-    assert "nsmount_vms_managed 15" in prom and "nsmount_repairs_total" in prom, prom
+    assert f"nsmount_vms_managed {n_vms - 5}" in prom and "nsmount_repairs_total" in prom, prom
 
     # 4. kill -9 while a batch runs; a mount added while it is down; restart converges
     mount_hugetlbfs("/mnt/huge", "2M")
@@ -211,11 +211,11 @@ def events_end_to_end() -> None:
               ("/dev/hugepages3", 2 * MB), ("/mnt/huge", 2 * MB)]
 
     def converged() -> bool:
-        return all(not check_vm(pid, i, mounts) for i, pid in enumerate(pids[:15]))
+        return all(not check_vm(pid, i, mounts) for i, pid in enumerate(pids[:n_vms - 5]))
 
     wait_for(converged, "convergence after a restart", 40)
     settle()
-    bad = {i: p for i, pid in enumerate(pids[:15]) if (p := check_vm(pid, i, mounts))}
+    bad = {i: p for i, pid in enumerate(pids[:n_vms - 5]) if (p := check_vm(pid, i, mounts))}
     assert not bad, bad
     assert_reconnect_clean()
     assert_no_traceback()
