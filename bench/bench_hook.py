@@ -7,7 +7,10 @@ from the start of the process to its exit, interleaved round-robin, ``--n`` time
 * ``sh -c true`` -- the floor of any hook;
 * the hook for an operation it ignores (``prepare begin``): the shell's ``case``;
 * the hook for ``started begin`` with the service running: ``socat`` to the service,
-  which repairs the VM in a warm worker and answers;
+  which answers from its own check of the VM when that began < 2 s before with no
+  event since (else it runs the pipeline in a warm worker);
+* the hook for ``reconnect begin`` with the service running: always the whole pipeline
+  for that VM in a warm worker;
 * the same request sent with ``socat`` alone (the service's part of the above);
 * the hook for ``started begin`` with no service (the Python fallback), ``--n-fallback``
   times.
@@ -70,6 +73,7 @@ def sandbox_main(cfg: dict[str, Any]) -> None:
                f" | socat -t 40 - UNIX-CONNECT:{sock}")
     rows: dict[str, list[float]] = {"sh -c true": [], "hook, ignored op": [],
                                     "hook, started via the service": [],
+                                    "hook, reconnect via the service": [],
                                     "socat request alone": []}
     svc = serve()
     for k in range(cfg["n"] + 3):
@@ -77,9 +81,12 @@ def sandbox_main(cfg: dict[str, Any]) -> None:
             "sh -c true": timed(["sh", "-c", "true"]),
             "hook, ignored op": timed([hook, "dom1", "prepare", "begin", "-"]),
             "hook, started via the service": timed([hook, "dom1", "started", "begin", "-"]),
+            "hook, reconnect via the service": timed([hook, "dom1", "reconnect", "begin",
+                                                      "-"]),
             "socat request alone": timed(request, shell=True),
         }
         assert "done by the service" in got["hook, started via the service"][1], got
+        assert "done by the service" in got["hook, reconnect via the service"][1], got
         assert '"ok":true' in got["socat request alone"][1], got
         if k >= 3:  # warm-up rounds are not counted
             for row, (dt, _) in got.items():
