@@ -61,6 +61,7 @@ def compile_floor() -> tuple[str | None, str]:
 
 
 def sandbox_main(cfg: dict[str, Any]) -> None:
+    import benchlib
     import json
     import os
     import selectors
@@ -76,23 +77,10 @@ def sandbox_main(cfg: dict[str, Any]) -> None:
     log = open("/tmp/serve.log", "a")  # noqa: SIM115 - the service's stderr, for the run
 
     def talk(obj: dict[str, Any]) -> Any:
-        s = socket.socket(socket.AF_UNIX)
-        s.settimeout(60)
-        s.connect(sock_path)
-        s.sendall((json.dumps({"v": 1, **obj}) + "\n").encode())
-        buf = b""
-        while b"\n" not in buf:
-            buf += s.recv(1 << 20)
-        s.close()
-        return json.loads(buf)["result"]
+        return benchlib.talk(obj, sock_path)
 
     def settle() -> None:
-        quiet = 0
-        while quiet < 3:
-            st = talk({"op": "status"})
-            busy = st["batch_running"] or st["jobs"] or st["queued"] or st["pending_vms"]
-            quiet = 0 if busy else quiet + 1
-            time.sleep(0.1)
+        benchlib.settle(sock_path)
 
     names = [f"guest{i}" for i in range(n)]
     t = time.perf_counter()

@@ -52,8 +52,8 @@ def _pct(xs: list[float], p: float) -> float:
 
 
 def sandbox_main(cfg: dict[str, Any]) -> None:
+    import benchlib
     import json
-    import socket
     import subprocess
     import time
 
@@ -69,24 +69,7 @@ def sandbox_main(cfg: dict[str, Any]) -> None:
     with open("/tmp/nsmount.conf", "w") as fh:
         fh.write("debounce_ms = 10\n" + os.environ.get("NSMOUNT_BENCH_CONF", ""))
 
-    def talk(obj: dict[str, Any]) -> Any:
-        s = socket.socket(socket.AF_UNIX)
-        s.settimeout(30)
-        s.connect("/run/nsmount/nsmount.sock")
-        s.sendall((json.dumps({"v": 1, **obj}) + "\n").encode())
-        buf = b""
-        while b"\n" not in buf:
-            buf += s.recv(1 << 20)
-        s.close()
-        return json.loads(buf)["result"]
-
-    def settle() -> None:
-        quiet = 0
-        while quiet < 3:
-            st = talk({"op": "status"})
-            busy = st["batch_running"] or st["jobs"] or st["pending_vms"]
-            quiet = 0 if busy else quiet + 1
-            time.sleep(0.1)
+    talk, settle = benchlib.talk, benchlib.settle
 
     libc = ctypes.CDLL(None, use_errno=True)
 

@@ -56,3 +56,37 @@ def write_result(path: str, bench: str, body: dict[str, Any]) -> Path:
     p.write_text(json.dumps(out, indent=1) + "\n")
     print(f"\nwrote {p}")
     return p
+
+
+# --------------------------------------------------------------- the service, in a sandbox
+SOCK = "/run/nsmount/nsmount.sock"
+
+
+def talk(obj: dict[str, Any], path: str = SOCK, timeout: float = 60) -> Any:
+    """One request to ``nsmount serve``; its result (AssertionError on an error)."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendall((json.dumps({"v": 1, **obj}) + "\n").encode())
+        buf = b""
+        while b"\n" not in buf:
+            chunk = s.recv(1 << 20)
+            assert chunk, f"the service closed the connection: {buf!r}"
+            buf += chunk
+    ans = json.loads(buf)
+    assert ans.get("ok"), ans
+    return ans["result"]
+
+
+def settle(path: str = SOCK) -> None:
+    """Until the service has had nothing to do for three looks 0.1 s apart."""
+    import time
+
+    quiet = 0
+    while quiet < 3:
+        st = talk({"op": "status"}, path)
+        busy = st["batch_running"] or st["jobs"] or st["queued"] or st["pending_vms"]
+        quiet = 0 if busy else quiet + 1
+        time.sleep(0.1)

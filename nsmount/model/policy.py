@@ -34,12 +34,12 @@ the file and the line (:class:`PolicyError`); the service keeps its last good po
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
 
 from ..errors import SpecError
+from . import tomltext
 from .paths import canonical, is_strictly_within
 
 DEFAULT_POLICY = "/etc/nsmount/policy.toml"
@@ -121,14 +121,7 @@ def _rule_lines(text: str) -> list[int]:
 
 def parse(text: str, path: str = "<policy>") -> Policy:
     """Policy text -> Policy, or PolicyError ``path:line: what`` (one line)."""
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        msg = str(exc)
-        m = re.search(r"\(at line (\d+), column \d+\)", msg)
-        line = int(m.group(1)) if m else max(1, text.count("\n") + (not text.endswith("\n")))
-        msg = re.sub(r"\s*\((at line \d+, column \d+|at end of document)\)", "", msg)
-        raise PolicyError(f"{path}:{line}: {msg}") from None
+    data = tomltext.loads(text, path, PolicyError)
     unknown = sorted(str(k)[:40] for k in data if k != "allow")
     if unknown:
         raise PolicyError(f"{path}:1: unknown key(s) {', '.join(map(repr, unknown))} "

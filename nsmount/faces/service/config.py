@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
 from ...errors import SpecError
+from ...model import tomltext
 from ...model.paths import canonical, is_strictly_within
 from ...model.policy import DEFAULT_POLICY, Policy, PolicyError
 from ...model.policy import parse as parse_policy
@@ -95,14 +95,7 @@ def _line_of(text: str, key: str) -> int:
 
 
 def parse(text: str, path: str = "<config>") -> Config:
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        msg = str(exc)
-        m = re.search(r"\(at line (\d+), column \d+\)", msg)
-        line = int(m.group(1)) if m else max(1, text.count("\n") + (not text.endswith("\n")))
-        msg = re.sub(r"\s*\((at line \d+, column \d+|at end of document)\)", "", msg)
-        raise ConfigError(f"{path}:{line}: {msg}") from None
+    data = tomltext.loads(text, path, ConfigError)
     cfg: dict[str, Any] = {"path": path}
     for key, val in data.items():
         where = f"{path}:{_line_of(text, key)}"
