@@ -470,3 +470,14 @@ def test_mountinfo_fast_path_is_the_checked_parser(line: str) -> None:
     assert fast == checked
     if isinstance(fast, mountinfo.Mount):
         assert fast.__dict__ == checked.__dict__  # type: ignore[union-attr]
+
+
+@given(st.one_of(ABS_PATH, st.text(st.sampled_from("ab/"), max_size=8)),
+       st.sets(st.one_of(ABS_PATH, st.text(st.sampled_from("ab/"), max_size=8)), max_size=4))
+def test_covered_by_walks_every_ancestor(path: str, later: set[str]) -> None:
+    """The cached ancestor sets answer what walking up ``path`` one '/' at a time does."""
+    cur, hit = path, path in later
+    while not hit and cur not in ("", "/"):
+        cur = cur.rpartition("/")[0] or "/"
+        hit = cur in later
+    assert mountinfo._covered_by(path, later) == hit

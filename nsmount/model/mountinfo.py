@@ -9,6 +9,7 @@ them into a 1024-byte buffer and truncated long paths).
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -304,13 +305,16 @@ class MountTree:
 
 def _covered_by(path: str, later: set[str]) -> bool:
     """True when ``path`` or one of its ancestors is in ``later``."""
-    if not later:
-        return False
-    if path in later:
-        return True
+    return bool(later) and not later.isdisjoint(_self_and_ancestors(path))
+
+
+@functools.lru_cache(maxsize=4096)
+def _self_and_ancestors(path: str) -> frozenset[str]:
+    """``path`` and every ancestor up to '/' (cached: every VM of a worker has the
+    same few mount points)."""
+    out = {path}
     cur = path
     while cur not in ("", "/"):
         cur = cur.rpartition("/")[0] or "/"
-        if cur in later:
-            return True
-    return False
+        out.add(cur)
+    return frozenset(out)
