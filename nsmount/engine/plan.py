@@ -30,6 +30,7 @@ from .actions import (
 )
 from ..model.devnode import Entry
 from ..model.hostmounts import HostMount
+from ..model.mountinfo import Mount
 from ..model.namespace import Desired, Drift, Observed
 from ..model.paths import components, is_strictly_within, is_within
 from ..model.shortname import hugepage_dir
@@ -207,10 +208,14 @@ def diff(desired: Desired, observed: Observed) -> tuple[list[Drift], list[Action
                             "there (repair --rebuild-dev replaces it)", fixable=False))
 
     # 1. mounts that became private though their host counterpart propagates
-    host_by_key = {(m.mountpoint, m.dev, m.root): m for m in desired.host_mounts}
+    host_by_key: dict[tuple[str, tuple[int, int], str], Mount] | None = None
     for m in observed.tree:
+        if m.propagation != "private":
+            continue  # most are: the host's index is only built for a private one
+        if host_by_key is None:
+            host_by_key = {(h.mountpoint, h.dev, h.root): h for h in desired.host_mounts}
         h = host_by_key.get((m.mountpoint, m.dev, m.root))
-        if h is None or m.propagation != "private" or h.propagation == "private":
+        if h is None or h.propagation == "private":
             continue
         if h.propagation == "unbindable":
             continue
