@@ -129,6 +129,8 @@ def _observe_entry(dirs: fsops.DirCache, path: str, obs: Observed) -> None:
 
 def _observe_mount(dirs: fsops.DirCache, path: str, fstype: str, pagesize: int | None,
                    host_dev: int | None, tree: MountTree | None) -> MountState:
+    if _present_in_dev(dirs, path, host_dev):
+        return MountState(path, "present")
     try:
         fd = dirs.get(path.strip("/"))
     except FileNotFoundError:
@@ -149,6 +151,22 @@ def _observe_mount(dirs: fsops.DirCache, path: str, fstype: str, pagesize: int |
             return MountState(path, "present", "an equivalent hugetlbfs")
         return MountState(path, "other", f"another filesystem is mounted at {path}")
     return MountState(path, "missing", _hidden(path, tree) or "not mounted")
+
+
+def _present_in_dev(dirs: fsops.DirCache, path: str, host_dev: int | None) -> bool:
+    """The common answer the cheap way, for a mount point directly in /dev (one name):
+    a directory on the host mount's superblock.  ``fstatat`` from the /dev fd (opened
+    safely, like every fd of ``dirs``) with the name not followed sees what opening
+    ``dev/NAME`` would: no directory on the way, a symlink is not a directory.  Any
+    other answer (or error) is left to the full look, which words it."""
+    head, name = fsops.split(path)
+    if host_dev is None or head != "dev" or not name:
+        return False
+    try:
+        st = os.stat(name, dir_fd=dirs.get("dev"), follow_symlinks=False)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_dev == host_dev
 
 
 def _hidden(path: str, tree: MountTree | None) -> str:
