@@ -446,3 +446,38 @@ def test_proc_cmdline_plausible(argv: list[str]) -> None:
             got = None
         if expected is not None and got is not None:
             assert got == expected
+
+
+def _parsed_or_error(fn: Any, line: str) -> object:
+    try:
+        return fn(line)
+    except mountinfo.MountinfoError:
+        return "error"
+
+
+@given(st.one_of(
+    mount_fields().map(_line),
+    st.lists(st.sampled_from(["1", "0", "-", "12:3", "shared:1", "master:x", "master:12",
+                              "propagate_from:", "propagate_from:4", "unbindable", "/",
+                              "/a\\040b", "²", "1:²", "rw", "", "a:b:c", "9" * 21,
+                              "x:1", "shared:007"]), max_size=14).map(" ".join),
+    st.text(st.characters(codec="ascii"), max_size=40)))
+def test_mountinfo_fast_path_is_the_checked_parser(line: str) -> None:
+    """parse_line's fast path accepts and returns exactly what the field-by-field
+    parser does (which still handles every line the fast path hands over)."""
+    fast = _parsed_or_error(mountinfo.parse_line, line)
+    checked = _parsed_or_error(mountinfo._parse_line_checked, line)
+    assert fast == checked
+    if isinstance(fast, mountinfo.Mount):
+        assert fast.__dict__ == checked.__dict__  # type: ignore[union-attr]
+
+
+@given(st.one_of(ABS_PATH, st.text(st.sampled_from("ab/"), max_size=8)),
+       st.sets(st.one_of(ABS_PATH, st.text(st.sampled_from("ab/"), max_size=8)), max_size=4))
+def test_covered_by_walks_every_ancestor(path: str, later: set[str]) -> None:
+    """The cached ancestor sets answer what walking up ``path`` one '/' at a time does."""
+    cur, hit = path, path in later
+    while not hit and cur not in ("", "/"):
+        cur = cur.rpartition("/")[0] or "/"
+        hit = cur in later
+    assert mountinfo._covered_by(path, later) == hit

@@ -86,11 +86,13 @@ class HostState:
         return self._st_dev[path]
 
     def desired(self, spec: VmSpec, *, pid: int, cached: bool = False,
-                all_hugetlbfs: bool = False) -> tuple[Desired, list[Skipped]]:
+                all_hugetlbfs: bool = False, dev_sb: int | None = None
+                ) -> tuple[Desired, list[Skipped]]:
         """``cached``: reuse host lookups across calls (one reconnect run); the
         skipped-device warnings then go into each VM's report, not the log.
         ``all_hugetlbfs``: a per-domain dir in every hugetlbfs mount (reconnect),
-        not only in those of the page sizes the spec asks for."""
+        not only in those of the page sizes the spec asks for.  ``dev_sb``: st_dev of
+        the /dev tmpfs nsmount built for the VM at launch (None: unknown)."""
         resolved, skipped = resolve_spec(spec, cache=self._resolved if cached else None,
                                          quiet=cached)
         entries = flatten_entries([r.entries for r in resolved])
@@ -102,7 +104,7 @@ class HostState:
         return Desired(entries=entries, mounts=self.vm_mounts(spec), hugepage_dirs=dirs,
                        uid=spec.uid, gid=spec.gid,
                        host_mounts=tuple(self.tree.visible()),
-                       host_devs=self.mount_devs, host_dirs=all_hugetlbfs,
+                       host_devs=self.mount_devs, host_dirs=all_hugetlbfs, dev_sb=dev_sb,
                        gone=tuple(s.request.path for s in skipped
                                   if s.reason == MISSING_ON_HOST)), skipped
 

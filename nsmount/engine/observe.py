@@ -45,45 +45,42 @@ def observe(desired: Desired, host_devs: dict[str, int], *,
         if tree is not None:
             obs.tree = tuple(tree.visible())
             obs.hidden = tuple(tree.hidden())
-        try:
-            dfd = fsops.open_dir(root, "dev")
+        # the fds opened while looking, each path opened once (nothing changes while
+        # observing): /dev serves the entries' lookups too, a hugetlbfs mount point
+        # the check of its per-domain dir
+        with fsops.DirCache(root) as dirs:
             try:
+                dfd = dirs.get("dev")
                 ftype, _ = syscalls.fstatfs(dfd)
                 obs.dev_fstype = fstype_name(ftype)
                 obs.dev_id = os.fstat(dfd).st_dev
                 obs.dev_mount_root = fsops.mount_id(dfd)[1]
-            finally:
-                os.close(dfd)
-        except OSError as exc:
-            obs.dev_fstype = ("a symlink" if exc.errno == errno.ELOOP
-                              else "missing" if exc.errno == errno.ENOENT
-                              else f"unusable: {exc.strerror}")
-        subs = tuple(h.path for h in desired.mounts if h.under_dev)
-        mine = tuple(e for e in desired.entries if not in_submount(e.path, subs))
-        gone = tuple(p for p in desired.gone if not in_submount(p, subs))
-        with fsops.DirCache(root) as dirs:
+            except OSError as exc:
+                obs.dev_fstype = ("a symlink" if exc.errno == errno.ELOOP
+                                  else "missing" if exc.errno == errno.ENOENT
+                                  else f"unusable: {exc.strerror}")
+            subs = tuple(h.path for h in desired.mounts if h.under_dev)
+            mine = tuple(e for e in desired.entries if not in_submount(e.path, subs))
+            gone = tuple(p for p in desired.gone if not in_submount(p, subs))
             for path in [*parent_dirs(mine, skip=subs), *(e.path for e in mine), *gone]:
                 _observe_entry(dirs, path, obs)
-        for h in desired.mounts:
-            try:
-                obs.mounts[h.path] = _observe_mount(root, h.path, h.fstype, h.pagesize,
-                                                    host_devs.get(h.path), tree)
-            except OSError as exc:
-                obs.mounts[h.path] = MountState(h.path, "error",
-                                                f"cannot look at it: {exc.strerror}")
-        for mount, path in desired.hugepage_dirs:
-            # present = a directory on the hugetlbfs itself (not a mount planted over it)
-            try:
-                mfd = fsops.open_dir(root, mount.lstrip("/"))
+            for h in desired.mounts:
                 try:
+                    obs.mounts[h.path] = _observe_mount(dirs, h.path, h.fstype, h.pagesize,
+                                                        host_devs.get(h.path), tree)
+                except OSError as exc:
+                    obs.mounts[h.path] = MountState(h.path, "error",
+                                                    f"cannot look at it: {exc.strerror}")
+            for mount, path in desired.hugepage_dirs:
+                # present = a directory on the hugetlbfs itself (not a mount planted over it)
+                try:
+                    mfd = dirs.get(mount.strip("/"))
                     os.close(fsops.open_path(mfd, path[len(mount):],
                                              os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW,
                                              fsops.SAME_MOUNT))
-                finally:
-                    os.close(mfd)
-                obs.hugepage_dirs[path] = True
-            except OSError:
-                obs.hugepage_dirs[path] = False
+                    obs.hugepage_dirs[path] = True
+                except OSError:
+                    obs.hugepage_dirs[path] = False
         return obs
     finally:
         os.close(root)
@@ -130,10 +127,12 @@ def _observe_entry(dirs: fsops.DirCache, path: str, obs: Observed) -> None:
     obs.entries[path] = Entry.from_stat(path, st, target=target)
 
 
-def _observe_mount(root: int, path: str, fstype: str, pagesize: int | None,
+def _observe_mount(dirs: fsops.DirCache, path: str, fstype: str, pagesize: int | None,
                    host_dev: int | None, tree: MountTree | None) -> MountState:
+    if _present_in_dev(dirs, path, host_dev):
+        return MountState(path, "present")
     try:
-        fd = fsops.open_dir(root, path.lstrip("/"))
+        fd = dirs.get(path.strip("/"))
     except FileNotFoundError:
         return MountState(path, "missing-mountpoint", _hidden(path, tree) or
                           "mount point missing")
@@ -141,20 +140,33 @@ def _observe_mount(root: int, path: str, fstype: str, pagesize: int | None,
         if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EXDEV):
             return MountState(path, "unsafe", "a symlink or file was planted at the mount point")
         raise
+    st = os.fstat(fd)
+    if host_dev is not None and st.st_dev == host_dev:
+        return MountState(path, "present")
+    _mid, is_root = fsops.mount_id(fd)
+    if is_root and path != "/":
+        ftype, bsize = syscalls.fstatfs(fd)
+        if fstype == "hugetlbfs" and ftype == C.HUGETLBFS_MAGIC and (
+                pagesize is None or bsize == pagesize):
+            return MountState(path, "present", "an equivalent hugetlbfs")
+        return MountState(path, "other", f"another filesystem is mounted at {path}")
+    return MountState(path, "missing", _hidden(path, tree) or "not mounted")
+
+
+def _present_in_dev(dirs: fsops.DirCache, path: str, host_dev: int | None) -> bool:
+    """The common answer the cheap way, for a mount point directly in /dev (one name):
+    a directory on the host mount's superblock.  ``fstatat`` from the /dev fd (opened
+    safely, like every fd of ``dirs``) with the name not followed sees what opening
+    ``dev/NAME`` would: no directory on the way, a symlink is not a directory.  Any
+    other answer (or error) is left to the full look, which words it."""
+    head, name = fsops.split(path)
+    if host_dev is None or head != "dev" or not name:
+        return False
     try:
-        st = os.fstat(fd)
-        if host_dev is not None and st.st_dev == host_dev:
-            return MountState(path, "present")
-        _mid, is_root = fsops.mount_id(fd)
-        if is_root and path != "/":
-            ftype, bsize = syscalls.fstatfs(fd)
-            if fstype == "hugetlbfs" and ftype == C.HUGETLBFS_MAGIC and (
-                    pagesize is None or bsize == pagesize):
-                return MountState(path, "present", "an equivalent hugetlbfs")
-            return MountState(path, "other", f"another filesystem is mounted at {path}")
-        return MountState(path, "missing", _hidden(path, tree) or "not mounted")
-    finally:
-        os.close(fd)
+        st = os.stat(name, dir_fd=dirs.get("dev"), follow_symlinks=False)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_dev == host_dev
 
 
 def _hidden(path: str, tree: MountTree | None) -> str:

@@ -120,10 +120,26 @@ class OpenHow(ctypes.Structure):
                 ("resolve", ctypes.c_uint64)]
 
 
+#: syscall(2) as a function object of its own, typed for openat2: ctypes converts the
+#: arguments in C (the per-call c_long/c_int objects cost more than the lookup itself)
+_openat2 = _libc["syscall"]
+_openat2.restype = ctypes.c_long
+_openat2.argtypes = [ctypes.c_long, _INT, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t]
+_HOW_SIZE: Final = ctypes.sizeof(OpenHow)
+#: the few (flags, resolve, mode) nsmount uses, each an OpenHow built once: the kernel
+#: copies it in and never writes it back, so one is shared by every call (and thread)
+_HOWS: dict[tuple[int, int, int], tuple[OpenHow, int]] = {}
+
+
 def openat2(dirfd: int, path: str, flags: int, resolve: int, mode: int = 0) -> int:
-    how = OpenHow(flags | os.O_CLOEXEC, mode, resolve)
-    return _check(_syscall(_LONG(C.SYS_openat2), _INT(dirfd), _fs(path), ctypes.byref(how),
-                           ctypes.c_size_t(ctypes.sizeof(how))), path)
+    key = (flags, resolve, mode)
+    how = _HOWS.get(key)
+    if how is None:
+        h = OpenHow(flags | os.O_CLOEXEC, mode, resolve)
+        how = (h, ctypes.addressof(h))
+        if len(_HOWS) < 64:
+            _HOWS[key] = how
+    return _check(_openat2(C.SYS_openat2, dirfd, _fs(path), how[1], _HOW_SIZE), path)
 
 
 # --------------------------------------------------------------- stat helpers

@@ -9,6 +9,7 @@ them into a 1024-byte buffer and truncated long paths).
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -109,7 +110,65 @@ def _int(text: str, what: str, line: str) -> int:
     return int(text)
 
 
+#: the first three fields of a well-formed line: ``id parent major:minor `` (ASCII
+#: digits only, at most 20 each: what :func:`_int` accepts)
+_HEAD = re.compile(r"(\d{1,20}) (\d{1,20}) (\d{1,20}):(\d{1,20}) ", re.ASCII)
+_new_mount = object.__new__
+
+
 def parse_line(line: str) -> Mount:
+    """One mountinfo line as a :class:`Mount`; MountinfoError when it is not proc(5).
+
+    The common line (plain ASCII, no escapes, numbers well formed) takes a fast path
+    whose checks are the same as :func:`_parse_line_checked`'s, done in one go (one
+    regex for the four numbers of the head, one look at the whole line for escapes
+    and non-ASCII); anything else -- every malformed line included -- goes through
+    the field-by-field parser, which also words the error."""
+    head = _HEAD.match(line)
+    if head is None or "\\" in line or not line.isascii():
+        return _parse_line_checked(line)
+    parts = line[head.end():].split(" ")
+    # parts: root mountpoint opts [optional...] - fstype source superopts...
+    try:
+        sep = parts.index("-", 3)
+    except ValueError:
+        return _parse_line_checked(line)
+    if len(parts) < sep + 3:
+        return _parse_line_checked(line)
+    shared = master = pfrom = None
+    unbindable = False
+    for opt in parts[3:sep]:
+        tag, _, val = opt.partition(":")
+        if tag == "unbindable":
+            unbindable = True
+            continue
+        if tag not in _OPTIONAL:
+            continue  # unknown optional fields are ignored, as proc(5) asks
+        if not (val.isdigit() and len(val) <= 20):  # the line is ASCII
+            return _parse_line_checked(line)
+        if tag == "shared":
+            shared = int(val)
+        elif tag == "master":
+            master = int(val)
+        else:
+            pfrom = int(val)
+    m = _new_mount(Mount)
+    # a frozen dataclass's __init__ sets each field through object.__setattr__: the
+    # same dict, built at once (the fields were decoded above: ASCII, no escapes)
+    object.__setattr__(m, "__dict__", {
+        "mount_id": int(head[1]), "parent_id": int(head[2]), "major": int(head[3]),
+        "minor": int(head[4]), "root": parts[0], "mountpoint": parts[1],
+        "options": parts[2], "fstype": parts[sep + 1], "source": parts[sep + 2],
+        "superoptions": " ".join(parts[sep + 3:]), "shared": shared, "master": master,
+        "propagate_from": pfrom, "unbindable": unbindable})
+    return m
+
+
+_OPTIONAL = frozenset({"shared", "master", "propagate_from"})
+
+
+def _parse_line_checked(line: str) -> Mount:
+    """:func:`parse_line` field by field, with the error naming the bad field."""
     parts = line.split(" ")
     try:
         sep = parts.index("-", 6)
@@ -246,13 +305,16 @@ class MountTree:
 
 def _covered_by(path: str, later: set[str]) -> bool:
     """True when ``path`` or one of its ancestors is in ``later``."""
-    if not later:
-        return False
-    if path in later:
-        return True
+    return bool(later) and not later.isdisjoint(_self_and_ancestors(path))
+
+
+@functools.lru_cache(maxsize=4096)
+def _self_and_ancestors(path: str) -> frozenset[str]:
+    """``path`` and every ancestor up to '/' (cached: every VM of a worker has the
+    same few mount points)."""
+    out = {path}
     cur = path
     while cur not in ("", "/"):
         cur = cur.rpartition("/")[0] or "/"
-        if cur in later:
-            return True
-    return False
+        out.add(cur)
+    return frozenset(out)

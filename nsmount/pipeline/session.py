@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import replace
 
 from ..engine.actions import Action, MakeHugepageDir, RelinkMount, ReplayMount
 from ..engine.executor import Executor, Result, prepare_host
@@ -39,9 +38,9 @@ class VmSession:
         self.host = host
         #: one of many VMs (reconnect): share host lookups, skip the /dev scan
         self.bulk = bulk
-        desired, self.skipped = host.desired(spec, pid=target.pid, cached=bulk,
-                                             all_hugetlbfs=all_hugetlbfs)
-        self.desired = replace(desired, dev_sb=target.recorded_dev)
+        self.desired, self.skipped = host.desired(spec, pid=target.pid, cached=bulk,
+                                                  all_hugetlbfs=all_hugetlbfs,
+                                                  dev_sb=target.recorded_dev)
         self.host_devs = {h.path: dev for h in self.desired.mounts
                           if (dev := host.st_dev(h.path)) is not None}
         #: st_dev of the /dev a rebuild swapped in (the VM's own from then on)

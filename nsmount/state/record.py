@@ -88,9 +88,14 @@ def open_subdir(sub: str, sdir: str | None = None) -> int:
     """O_PATH fd of ``<state>/<sub>``, created 0700; a symlink there (something planted
     it) raises OSError(ELOOP) instead of being followed."""
     d = os.path.join(state_dir(sdir), sub)
+    flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(d, flags)  # there already (every VM after the first): no mkdir
+    except OSError:
+        pass  # missing, or not a directory: made, or explained, below
     os.makedirs(d, mode=0o700, exist_ok=True)
     try:
-        return os.open(d, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        return os.open(d, flags)
     except NotADirectoryError:
         if os.path.islink(d):
             raise OSError(errno.ELOOP, "a symlink was planted here", d) from None
