@@ -6,7 +6,7 @@
 Inside ``tests/sandbox.py``'s sandbox (a throwaway mount+PID namespace playing a
 hypervisor host; the real host is never touched).  For each N: N stand-in VMs
 (``launcher.launch(spec, ["sleep", "1000"])``) and the service (``nsmount serve``, its
-config ``debounce_ms = 10``).  Each repetition starts N fresh VMs (the last ones
+the default config: debounce 20 ms).  Each repetition starts N fresh VMs (the last ones
 killed, the last hugetlbfs unmounted: every repetition does the same work), waits
 until the service tracks them and is idle, then mounts a fresh hugetlbfs at
 ``/dev/hpK`` on the sandbox host (a path no VM has yet: under ``/dev`` it never
@@ -67,7 +67,7 @@ def sandbox_main(cfg: dict[str, Any]) -> None:
     py = sys.executable
     log = open("/tmp/serve.log", "a")  # noqa: SIM115 - the services' stderr, for the run
     with open("/tmp/nsmount.conf", "w") as fh:
-        fh.write("debounce_ms = 10\n" + os.environ.get("NSMOUNT_BENCH_CONF", ""))
+        fh.write(os.environ.get("NSMOUNT_BENCH_CONF", ""))  # the defaults (debounce 20 ms)
 
     talk, settle = benchlib.talk, benchlib.settle
 

@@ -12,7 +12,7 @@
     socket_group = "libvirt"      # socket 0660 root:GROUP; unset: 0600 root only
     timeout = 30                  # seconds per VM before it is abandoned
     jobs = 0                      # warm worker processes (0: one per CPU)
-    debounce_ms = 50              # quiet time before a batch of events is acted on
+    debounce_ms = 20              # quiet time before a batch of events is acted on
     metrics_file = "/var/lib/node_exporter/textfile/nsmount.prom"
     policy = "/etc/nsmount/policy.toml"   # who may have which device fds (default path)
 
@@ -53,7 +53,7 @@ class Config:
     socket_group: str | int | None = None
     timeout: float = 30.0
     jobs: int = 0
-    debounce_ms: int = 50
+    debounce_ms: int = 20
     metrics_file: str | None = None
     policy: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
