@@ -42,7 +42,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import BENCH_DIR, RESULTS, header, run_sandbox_main, write_result
 
-HUGETLBFS_MAGIC = 0x958458F6
 HP = "/dev/hugepages"
 
 
@@ -69,7 +68,6 @@ def sandbox_main(cfg: dict[str, Any]) -> None:
     import time
 
     from nsmount.faces.launcher import launch
-    from nsmount.kernel import syscalls
     from nsmount.model.spec import VmSpec
 
     py, n, floor = sys.executable, cfg["n"], cfg["floor"]
@@ -105,17 +103,7 @@ def sandbox_main(cfg: dict[str, Any]) -> None:
     settle()
 
     def visible(i: int) -> bool:
-        p = f"/proc/{vms[i].pid}/root{HP}"
-        try:
-            fd = os.open(p, os.O_PATH | os.O_CLOEXEC)
-        except OSError:
-            return False
-        try:
-            if syscalls.fstatfs(fd)[0] != HUGETLBFS_MAGIC:
-                return False
-        finally:
-            os.close(fd)
-        return os.path.isdir(f"{p}/libvirt/qemu/{i + 1}-{names[i]}")
+        return benchlib.sees_hugetlbfs(vms[i].pid, HP, f"libvirt/qemu/{i + 1}-{names[i]}")
 
     reset_prog = floor or cfg["reset_fallback"]
 

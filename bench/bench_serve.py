@@ -43,7 +43,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import RESULTS, header, run_sandbox_main, write_result
 
-HUGETLBFS_MAGIC = 0x958458F6
 
 
 def _pct(xs: list[float], p: float) -> float:
@@ -60,7 +59,6 @@ def sandbox_main(cfg: dict[str, Any]) -> None:
     import ctypes
     import re
 
-    from nsmount.kernel import syscalls
     from nsmount.faces.launcher import launch
     from nsmount.model.spec import VmSpec
 
@@ -79,17 +77,7 @@ def sandbox_main(cfg: dict[str, Any]) -> None:
             raise OSError(ctypes.get_errno(), "mount hugetlbfs", mp)
 
     def sees(pid: int, name: str, did: int, mp: str) -> bool:
-        p = f"/proc/{pid}/root{mp}"
-        try:
-            fd = os.open(p, os.O_PATH | os.O_CLOEXEC)
-        except OSError:
-            return False
-        try:
-            if syscalls.fstatfs(fd)[0] != HUGETLBFS_MAGIC:
-                return False
-        finally:
-            os.close(fd)
-        return os.path.isdir(f"{p}/libvirt/qemu/{did}-{name}")
+        return benchlib.sees_hugetlbfs(pid, mp, f"libvirt/qemu/{did}-{name}")
 
     out: dict[str, Any] = {"sizes": {}}
     k = 0

@@ -15,6 +15,7 @@ from typing import Any
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 RESULTS = BENCH_DIR / "results"
+HUGETLBFS_MAGIC = 0x958458F6
 
 
 def stats(xs: list[float]) -> dict[str, float]:
@@ -90,3 +91,21 @@ def settle(path: str = SOCK) -> None:
         busy = st["batch_running"] or st["jobs"] or st["queued"] or st["pending_vms"]
         quiet = 0 if busy else quiet + 1
         time.sleep(0.1)
+
+
+def sees_hugetlbfs(pid: int, mp: str, domain_dir: str) -> bool:
+    """True when VM ``pid`` sees a hugetlbfs at ``mp`` with ``mp/domain_dir`` on it
+    (statfs through ``/proc/PID/root``; the bench is the sandbox's root)."""
+    from nsmount.kernel import syscalls
+
+    p = f"/proc/{pid}/root{mp}"
+    try:
+        fd = os.open(p, os.O_PATH | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        if syscalls.fstatfs(fd)[0] != HUGETLBFS_MAGIC:
+            return False
+    finally:
+        os.close(fd)
+    return os.path.isdir(f"{p}/{domain_dir}")

@@ -14,7 +14,6 @@ rootless user's ``nsmount`` runs under the system Python).
 
 from __future__ import annotations
 
-import array
 import fcntl
 import json
 import os
@@ -24,6 +23,7 @@ import time
 from typing import Any
 
 from ..errors import DeniedError, NoSuchProcessError, NsmountError
+from ..kernel.scm import fds_from_ancdata
 from ..model.devnode import KIND_BITS, Entry
 from ..model.display import safe_line
 from ..model.paths import canonical
@@ -53,16 +53,6 @@ def _close(fds: list[int]) -> None:
         os.close(fd)
 
 
-def _fds(anc: list[tuple[int, int, bytes]]) -> list[int]:
-    out: list[int] = []
-    for level, kind, data in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            a = array.array("i")
-            a.frombytes(data[:len(data) - len(data) % a.itemsize])
-            out.extend(a)
-    return out
-
-
 def request_fd(sock: socket.socket, obj: dict[str, Any], pidfd: int, deadline: float
                ) -> tuple[dict[str, Any], list[int]]:
     """Send one request line with ``pidfd`` attached to its first byte; return the
@@ -81,7 +71,7 @@ def request_fd(sock: socket.socket, obj: dict[str, Any], pidfd: int, deadline: f
                 raise TimeoutError
             sock.settimeout(left)
             data, anc, _flags, _ = sock.recvmsg(1 << 16, _ANC, socket.MSG_CMSG_CLOEXEC)
-            fds += _fds(anc)
+            fds += fds_from_ancdata(anc)
             if not data:
                 break
             buf += data

@@ -31,6 +31,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from ...kernel.scm import fds_from_ancdata
 from .loop import IN, OUT, Reactor, Timer
 from .protocol import (
     BAD_PIDFD,
@@ -71,16 +72,6 @@ def close_fds(fds: list[int]) -> None:
             os.close(fd)
         except OSError:
             pass
-
-
-def _fds_of(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            a = array.array("i")
-            a.frombytes(data[:len(data) - len(data) % a.itemsize])
-            fds.extend(a)
-    return fds
 
 
 class Conn:
@@ -153,7 +144,7 @@ class Conn:
         """One read with its ancillary data; fds are remembered with the stream offset
         of the first byte they came with (None: the control message was truncated)."""
         data, anc, flags, _ = self.sock.recvmsg(1 << 16, _CMSG_SPACE, socket.MSG_CMSG_CLOEXEC)
-        fds = _fds_of(anc)
+        fds = fds_from_ancdata(anc)
         at = self.in_off + len(self.inbuf)
         for fd in fds:
             self.infds.append((at, fd))
