@@ -145,3 +145,19 @@ def test_device_bind() -> None:
     assert "/tmp/policy.toml" in err and "\n" not in err.strip(), err
     assert out["unchanged"] and out["alive"] and not out["traceback"], out
     assert any("granted uid=65534" in ln for ln in out["log"]), out["log"]
+
+
+def test_device_bind_never_propagates_to_the_host() -> None:
+    out: dict[str, Any] = in_sandbox(fdserve.bind_never_propagates, timeout=60).json()
+    assert out["bind_status"] == 0, out
+    # the user could mount over its own copy, and the host's node is still /dev/null
+    assert out["inner"] == "mounted", out
+    assert out["host_is_chr"] and out["host_rdev"] == [1, 3], out
+
+
+def test_a_client_that_never_reads_is_bounded() -> None:
+    out: dict[str, Any] = in_sandbox(fdserve.flood_never_read, timeout=60).json()
+    # it got stuck long before 64 MiB: the service stopped reading it
+    assert out["sent"] < (16 << 20), out
+    assert out["grew_kib"] < 16 << 10, out
+    assert out["other"] and out["alive"], out

@@ -416,3 +416,111 @@ def user_bind(pid: str, path: str, write: str) -> None:
 if __name__ == "__main__":  # the unprivileged clients
     {"good": user_good, "attacks": user_attacks,
      "bind": user_bind}[sys.argv[1]](*sys.argv[2:])
+
+
+def bind_never_propagates() -> None:
+    """device-bind on a host whose /dev is shared (systemd's default): the user, root
+    in its own user namespace, bind-mounts its own file over the node nsmount bound
+    for it.  That mount must stay in the user's namespace: the host's node is
+    unchanged (before the fix, the bound clone was a peer of the host's /dev and the
+    host's /dev/null became the user's file)."""
+    from nsmount.faces.devbind import bind_device
+    from nsmount.kernel import consts as C
+    from nsmount.kernel import syscalls
+
+    syscalls.mount(None, "/dev", None, C.MS_SHARED)  # the sandbox's own /dev
+    os.makedirs("/tmp/u", exist_ok=True)
+    with open("/tmp/u/evil", "w") as fh:
+        fh.write("EVIL\n")
+    os.chmod("/tmp/u", 0o755)
+    os.chmod("/tmp/u/evil", 0o644)
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the user's rootless VM: its own user + mount namespace, a tmpfs /dev
+        code = 0
+        try:
+            os.close(w1)
+            os.close(r2)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            syscalls.unshare(C.CLONE_NEWUSER | C.CLONE_NEWNS)
+            os.write(w2, b"u")
+            os.read(r1, 1)  # maps written
+            syscalls.mount("none", "/dev", "tmpfs", 0, None)
+            os.write(w2, b"d")
+            os.read(r1, 1)  # bound
+            try:
+                syscalls.mount("/tmp/u/evil", "/dev/null", None, C.MS_BIND, None)
+                res = "mounted"
+            except OSError as exc:
+                res = exc.strerror or "error"
+            os.write(w2, res.encode())
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(r1)
+    os.close(w2)
+    os.read(r2, 1)
+    with open(f"/proc/{pid}/uid_map", "w") as fh:
+        fh.write(f"0 {NOBODY} 1")
+    with open(f"/proc/{pid}/setgroups", "w") as fh:
+        fh.write("deny")
+    with open(f"/proc/{pid}/gid_map", "w") as fh:
+        fh.write(f"0 {NOBODY} 1")
+    os.write(w1, b"x")
+    os.read(r2, 1)
+    pidfd = os.pidfd_open(pid)
+    b = os.fork()
+    if b == 0:  # the service's job
+        try:
+            bind_device(pidfd, NOBODY, NOBODY, "/dev/null", read_only=False)
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    _, status = os.waitpid(b, 0)
+    os.write(w1, b"x")
+    inner = b""
+    while chunk := os.read(r2, 4096):
+        inner += chunk
+    os.waitpid(pid, 0)
+    st = os.stat("/dev/null")
+    emit(ok=True, bind_status=status, inner=inner.decode(), host_is_chr=stat.S_ISCHR(st.st_mode),
+         host_rdev=[os.major(st.st_rdev), os.minor(st.st_rdev)])
+
+
+def flood_never_read() -> None:
+    """A client that sends request lines and never reads the answers: the service
+    stops reading it once answers pile up (bounded memory) and keeps serving others."""
+    svc = serve()
+
+    def rss_kib() -> int:
+        for line in read_text(f"/proc/{svc.pid}/status").splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+
+    before = rss_kib()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(SOCK)
+    s.setblocking(False)
+    sent = 0
+    deadline = time.time() + 20
+    line = b"x\n" * 4096
+    while time.time() < deadline and sent < (64 << 20):
+        try:
+            sent += s.send(line)
+        except BlockingIOError:
+            break  # the service stopped reading us: the socket buffers are full
+    t0 = time.perf_counter()
+    ok_other = talk({"op": "status"})["ok"]
+    t_other = time.perf_counter() - t0
+    after = rss_kib()
+    s.close()
+    alive = service_up(svc)
+    svc.terminate()
+    svc.wait(10)
+    emit(ok=True, sent=sent, grew_kib=after - before, other=ok_other, t_other=t_other,
+         alive=alive)

@@ -53,12 +53,16 @@ def _host_clone(node_path: str, type_bits: int, rdev: int, read_only: bool) -> i
                                   | C.AT_EMPTY_PATH)
     finally:
         os.close(handle)
-    if read_only:
-        try:
-            syscalls.mount_setattr(tree, "", C.AT_EMPTY_PATH, attr_set=C.MOUNT_ATTR_RDONLY)
-        except BaseException:
-            os.close(tree)
-            raise
+    try:
+        # private: a clone of a node on a shared /dev (systemd's default) would be a
+        # peer of the host's /dev, and whatever the user mounts on the bound node in
+        # its own namespace would propagate back onto the host's node
+        syscalls.mount_setattr(tree, "", C.AT_EMPTY_PATH | C.AT_RECURSIVE,
+                               attr_set=C.MOUNT_ATTR_RDONLY if read_only else 0,
+                               propagation=C.MS_PRIVATE)
+    except BaseException:
+        os.close(tree)
+        raise
     return tree
 
 

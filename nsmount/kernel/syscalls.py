@@ -304,9 +304,12 @@ class PidfdInfo:
 
 
 def is_pidfd(fd: int) -> bool:
-    """True when ``fd`` is a pidfd (it lives on pidfs), whatever process it names."""
+    """True when ``fd`` is a pidfd, whatever process it names.  Told from the fd's
+    /proc link, never by a call on the fd itself: an fd a peer sent may be a file on
+    its own FUSE mount, where even fstatfs waits for a daemon that need not answer
+    (a file's link is a path, starting with '/')."""
     try:
-        return fstatfs(fd)[0] == C.PIDFS_MAGIC
+        return os.readlink(f"/proc/thread-self/fd/{fd}") == "anon_inode:[pidfd]"
     except OSError:
         return False
 

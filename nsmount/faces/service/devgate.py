@@ -20,7 +20,6 @@ from __future__ import annotations
 import errno
 import grp
 import logging
-import os
 import pwd
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,8 +30,8 @@ from ...kernel import syscalls
 from ...model.display import escape_name, safe_line
 from ...model.policy import Policy, PolicyError
 from . import config as configmod
-from .protocol import BAD_PIDFD, DENIED, FAILED, TIMEOUT, Request, error, ok
-from .server import Conn
+from .protocol import BAD_PIDFD, BUSY, DENIED, FAILED, TIMEOUT, Request, error, ok
+from .server import Conn, close_fds
 
 log = logging.getLogger("nsmount.service")
 
@@ -42,6 +41,11 @@ class Refused(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+#: device-bind jobs one uid may have in flight, and the most seconds one may take
+BINDS_PER_UID = 2
+BIND_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,10 @@ class DeviceGate:
         self.policy = Policy(None, ())
         self._names: dict[int, str | None] = {}
         self._gnames: dict[int, str | None] = {}
+        #: device-bind jobs in flight per uid: a user whose namespace blocks (a FUSE
+        #: mount nobody answers over its /) holds at most BINDS_PER_UID job slots, each
+        #: for at most BIND_SECONDS, never all of root's
+        self.binds: dict[int, int] = {}
 
     def load(self, path: str | None = None, *, strict: bool = False) -> None:
         """(Re)read the policy; a bad file keeps the last good policy (PolicyError is
@@ -153,7 +161,7 @@ class DeviceGate:
             conn.done(error(req.id, exc.code, exc.message))
             return
         finally:
-            os.close(pidfd)
+            close_fds([pidfd])
         log.info("open-device: granted uid=%d pid=%d path=%s node=%s access=%s (%s)",
                  conn.uid, pid, escape_name(path), escape_name(dev.node.path), access,
                  safe_line(granted))
@@ -173,6 +181,11 @@ class DeviceGate:
 
         path = str(req.path)
         pid = -1
+        if self.binds.get(conn.uid, 0) >= BINDS_PER_UID:
+            close_fds([pidfd])
+            conn.done(error(req.id, BUSY, f"{BINDS_PER_UID} device-bind requests of uid "
+                            f"{conn.uid} are in flight; ask again when they are answered"))
+            return
         try:
             try:
                 pid = self.vm_of(conn, pidfd).pid
@@ -191,10 +204,10 @@ class DeviceGate:
                 log.warning("device-bind: refused uid=%d pid=%d path=%s: %s", conn.uid, pid,
                             escape_name(path), safe_line(exc.message))
                 conn.done(error(req.id, exc.code, exc.message))
-                os.close(pidfd)
+                close_fds([pidfd])
                 return
         except BaseException:
-            os.close(pidfd)
+            close_fds([pidfd])
             raise
         uid, gid = conn.uid, conn.gid
 
@@ -206,7 +219,10 @@ class DeviceGate:
                         "denied": isinstance(exc, (DeniedError, RefusedError))}
 
         def done(value: Any, err: str | None) -> None:
-            os.close(pidfd)
+            close_fds([pidfd])
+            self.binds[uid] -= 1
+            if not self.binds[uid]:
+                del self.binds[uid]
             if err is None and value.get("status") != "failed":
                 log.info("device-bind: granted uid=%d pid=%d path=%s node=%s %s (%s): %s",
                          uid, pid, escape_name(path), escape_name(value.get("node", "")),
@@ -220,4 +236,5 @@ class DeviceGate:
                         escape_name(path), safe_line(msg))
             conn.done(error(req.id, code, msg))
 
-        start_job("device-bind", work, req.timeout + 5.0, done)
+        self.binds[uid] = self.binds.get(uid, 0) + 1
+        start_job("device-bind", work, min(req.timeout, BIND_SECONDS) + 5.0, done)

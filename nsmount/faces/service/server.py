@@ -23,15 +23,18 @@ import array
 import errno
 import logging
 import os
+import queue
 import socket
 import stat
 import struct
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from ...kernel.scm import fds_from_ancdata
+from ...model.display import escape_name
 from .loop import IN, OUT, Reactor, Timer
 from .protocol import (
     BAD_PIDFD,
@@ -57,6 +60,8 @@ MAX_USER_CONNECTIONS = 64
 MAX_PENDING = 8
 #: a connection that sends no complete request for this long is closed
 IDLE_SECONDS = 30.0
+#: answers a connection may have waiting before its further requests wait unread
+OUT_HIGH = 256 << 10
 #: input swallowed after an oversized request before the connection is dropped
 DISCARD_LIMIT = 64 << 20
 _UCRED = struct.Struct("3i")
@@ -66,12 +71,48 @@ _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 _CMSG_SPACE = socket.CMSG_SPACE(MAX_REQUEST_FDS * 4)
 
 
+class _Closer:
+    """Closes the fds peers sent, off the event loop.  close() of a file on the peer's
+    own FUSE mount sends FUSE_FLUSH and waits for a daemon that need not answer: done
+    in the loop, any local user could freeze the service.  One daemon thread closes
+    them in order; a close that never returns leaves later fds queued (logged), the
+    loop never waits."""
+
+    WARN_AT = 1024
+
+    def __init__(self) -> None:
+        self.queue: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self.thread: threading.Thread | None = None
+        self.warned = False
+
+    def close(self, fds: list[int]) -> None:
+        for fd in fds:
+            self.queue.put(fd)
+        if self.thread is None or not self.thread.is_alive():
+            self.thread = threading.Thread(target=self._run, name="nsmount-fd-closer",
+                                           daemon=True)
+            self.thread.start()
+        if self.queue.qsize() > self.WARN_AT and not self.warned:
+            self.warned = True
+            log.error("socket: %d fds sent by clients wait to be closed: a close blocks "
+                      "(a file on a FUSE mount nobody answers?)", self.queue.qsize())
+
+    def _run(self) -> None:
+        while True:
+            fd = self.queue.get()
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+_CLOSER = _Closer()
+
+
 def close_fds(fds: list[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+    """Close fds a peer sent (or that came from one): never in the caller's thread."""
+    if fds:
+        _CLOSER.close(list(fds))
 
 
 class Conn:
@@ -96,6 +137,7 @@ class Conn:
         self.eof = False
         self.closing = False  # close once outbuf is flushed
         self.closed = False
+        self.in_lines = False  # _lines is running (an answer sent from it flushes)
         #: after an oversized request: answer, then swallow input until EOF (closing
         #: with unread input would reset the connection and lose the answer)
         self.discard = 0
@@ -184,7 +226,18 @@ class Conn:
         close_fds(fds)
 
     def _lines(self) -> None:
-        while not self.closing:
+        if self.in_lines:
+            return
+        self.in_lines = True
+        try:
+            self._each_line()
+        finally:
+            self.in_lines = False
+
+    def _each_line(self) -> None:
+        # a client that sends and never reads: its answers wait in outbuf, and its
+        # next lines wait unread (no IN in the poll mask) until they are taken
+        while not self.closing and len(self.outbuf) <= OUT_HIGH:
             nl = self.inbuf.find(b"\n")
             if nl < 0:
                 if len(self.inbuf) > MAX_REQUEST:
@@ -268,10 +321,12 @@ class Conn:
         except OSError:
             self.close()
             return
-        want = 0 if (self.eof or self.closing) else IN
+        want = 0 if (self.eof or self.closing or len(self.outbuf) > OUT_HIGH) else IN
         if self.outbuf:
             want |= OUT
         self.server.reactor.modify(self.fd, want)
+        if len(self.outbuf) <= OUT_HIGH and b"\n" in self.inbuf and not self.closing:
+            self._lines()  # lines held back while the client did not read
 
     def _maybe_close(self) -> None:
         if self.closed:
@@ -431,7 +486,7 @@ class Server:
         if public_op and len(fds) != 1:
             came = "none came" if not fds else f"{len(fds)} came (all closed)"
             log.warning("%s: refused uid=%d pid=%d path=%s: %s fds attached", req.op,
-                        conn.uid, conn.peer_pid, req.path, len(fds))
+                        conn.uid, conn.peer_pid, escape_name(str(req.path)), len(fds))
             conn.send(error(req.id, BAD_PIDFD, f"{req.op} needs the pidfd of the VM's process "
                             f"attached with SCM_RIGHTS (exactly one fd); {came}"))
             return
