@@ -55,6 +55,9 @@ from .protocol import (
 log = logging.getLogger("nsmount.service")
 
 MAX_CONNECTIONS = 256
+#: of those, kept for root and the socket group: users with many uids (a subuid range)
+#: cannot fill the socket
+RESERVED_CONNECTIONS = 64
 #: connections one non-root uid may hold at once (the socket may be world-reachable)
 MAX_USER_CONNECTIONS = 64
 MAX_PENDING = 8
@@ -427,6 +430,19 @@ class Server:
                 continue
             conn = Conn(self, s)
             n = self.per_uid.get(conn.uid, 0)
+            if conn.uid != 0 and not self.authorized(conn) \
+                    and len(self.conns) >= MAX_CONNECTIONS - RESERVED_CONNECTIONS:
+                # the last slots are kept for root and the socket group (libvirt's hook)
+                log.warning("socket: refusing uid %d: the connections left are kept for "
+                            "root and the socket group", conn.uid)
+                try:
+                    s.send(encode(error(None, BUSY, "too many connections")))
+                except OSError:
+                    pass
+                if conn.idle is not None:
+                    conn.idle.cancel()
+                s.close()
+                continue
             if conn.uid != 0 and n >= MAX_USER_CONNECTIONS:
                 log.warning("socket: uid %d already holds %d connections; refusing one more",
                             conn.uid, n)
