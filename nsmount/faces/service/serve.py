@@ -318,11 +318,14 @@ class Service:
                 self.server.set_group(configmod.resolve_gid(cfg.socket_group))
             except (ConfigError, OSError) as exc:
                 log.error("socket group: %s", exc)
-        self.registry.rescan(scan=True)
+        new = self.registry.rescan(scan=True)
         self._dev_index = None
+        self._note_nodes(new)
         self.known_mounts = relevant_mounts(cfg.mounts)
         if (cfg.mounts, cfg.default_devices) != (old.mounts, old.default_devices):
             self._mark(list(self.registry.vms), time.monotonic())
+        elif new:  # VMs the rescan found are checked once, as at start-up
+            self._mark([vm.pid for vm in new], time.monotonic())
 
     # ------------------------------------------------------------------ events
     def _mount_event(self, kind: str) -> None:
