@@ -458,15 +458,15 @@ class Service:
             self.pool.submit(Task("vm", items[k:k + size], self.timeout, answered))
 
     def _batch_done(self, batch: Batch) -> None:
+        now = time.monotonic()  # the last VM's answer came: every VM is done
         self.batch = None
         self.metrics.batches += 1
         report = batch.report().to_dict()
         self._account(report, batch.todo, t_run=batch.started)
-        now = time.monotonic()
         log.info("batch of %d VM(s) done in %.3fs, %.3fs after its first event (VMs took "
-                 "%.3fs in all)", batch.size, now - batch.started,
+                 "%.3fs in all; accounting %.3fs)", batch.size, now - batch.started,
                  now - min(batch.todo.values(), default=batch.started),
-                 sum(o.seconds for o in batch.outcomes))
+                 sum(o.seconds for o in batch.outcomes), time.monotonic() - now)
         self._retry_failed(report, batch.todo)
         self._write_metrics()
         if self.dirty:
