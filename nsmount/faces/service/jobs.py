@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .loop import IN, Reactor
+
 log = logging.getLogger("nsmount.service")
 
 PR_SET_PDEATHSIG = 1
@@ -119,3 +121,25 @@ def start(kind: str, fn: Callable[[], Any], *, timeout: float,
     os.close(w)
     os.set_blocking(r, False)
     return Job(kind, pid, r, time.monotonic() + timeout, on_done)
+
+
+def reap_later(reactor: Reactor, pid: int, pidfd: int | None = None) -> None:
+    """Wait for a (killed) child without blocking the loop: once its pidfd says it is
+    gone.  A child stuck in an unkillable wait is never waited for.  ``pidfd`` is
+    taken over (opened here when not given)."""
+    if pidfd is None:
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return  # gone and reaped already
+    fd = pidfd
+
+    def reap(_mask: int) -> None:
+        reactor.remove(fd)
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        os.close(fd)
+
+    reactor.add(fd, IN, reap)

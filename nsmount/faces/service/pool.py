@@ -40,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .jobs import become_child
+from .jobs import become_child, reap_later
 from .loop import IN, Reactor, Timer
 
 log = logging.getLogger("nsmount.service")
@@ -301,16 +301,7 @@ class Pool:
                     send()
                 except OSError:
                     pass
-        # reaped when it is gone: a worker stuck in an unkillable wait is never waited for
-        self.reactor.add(wk.pidfd, IN, lambda _m: self._reap(wk))
-
-    def _reap(self, wk: _Worker) -> None:
-        self.reactor.remove(wk.pidfd)
-        try:
-            os.waitpid(wk.pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        os.close(wk.pidfd)
+        reap_later(self.reactor, wk.pid, wk.pidfd)
 
     def _spawn(self) -> _Worker | None:
         """A new worker, or None when none can be started now (tried again later)."""

@@ -541,29 +541,11 @@ class Service:
                       timeout)
             self.reactor.remove(job.rfd)
             if not job.finish(timed_out=True):
-                self._reap_later(job.pid)
+                jobs.reap_later(self.reactor, job.pid)
 
         timer = self.reactor.call_later(timeout, expired)
         self.reactor.add(job.rfd, IN, readable)
         return job
-
-    def _reap_later(self, pid: int) -> None:
-        """Wait for a killed child without blocking the loop: when its pidfd says it
-        is gone (a child stuck in an unkillable wait is never waited for)."""
-        try:
-            pidfd = os.pidfd_open(pid)
-        except OSError:
-            return  # gone and reaped already
-
-        def reap(_mask: int) -> None:
-            self.reactor.remove(pidfd)
-            try:
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
-            os.close(pidfd)
-
-        self.reactor.add(pidfd, IN, reap)
 
     def _request_job(self, kind: str, fn: Callable[[], Any], timeout: float,
                      on_done: Callable[[Any, str | None], None]) -> None:

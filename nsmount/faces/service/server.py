@@ -422,11 +422,7 @@ class Server:
                 raise
             s.setblocking(False)
             if len(self.conns) >= MAX_CONNECTIONS:
-                try:
-                    s.send(encode(error(None, BUSY, "too many connections")))
-                except OSError:
-                    pass
-                s.close()
+                _refuse(s, None, "too many connections")
                 continue
             conn = Conn(self, s)
             n = self.per_uid.get(conn.uid, 0)
@@ -435,25 +431,12 @@ class Server:
                 # the last slots are kept for root and the socket group (libvirt's hook)
                 log.warning("socket: refusing uid %d: the connections left are kept for "
                             "root and the socket group", conn.uid)
-                try:
-                    s.send(encode(error(None, BUSY, "too many connections")))
-                except OSError:
-                    pass
-                if conn.idle is not None:
-                    conn.idle.cancel()
-                s.close()
+                _refuse(s, conn, "too many connections")
                 continue
             if conn.uid != 0 and n >= MAX_USER_CONNECTIONS:
                 log.warning("socket: uid %d already holds %d connections; refusing one more",
                             conn.uid, n)
-                try:
-                    s.send(encode(error(None, BUSY, f"more than {MAX_USER_CONNECTIONS} "
-                                        "connections for this uid")))
-                except OSError:
-                    pass
-                if conn.idle is not None:
-                    conn.idle.cancel()
-                s.close()
+                _refuse(s, conn, f"more than {MAX_USER_CONNECTIONS} connections for this uid")
                 continue
             self.per_uid[conn.uid] = n + 1
             self.conns[conn.fd] = conn
@@ -525,6 +508,17 @@ class Server:
                 os.unlink(self.path)
         except OSError:
             pass
+
+
+def _refuse(s: socket.socket, conn: Conn | None, why: str) -> None:
+    """A connection turned away at accept: one ``busy`` answer, then closed."""
+    try:
+        s.send(encode(error(None, BUSY, why)))
+    except OSError:
+        pass
+    if conn is not None and conn.idle is not None:
+        conn.idle.cancel()
+    s.close()
 
 
 def _listen(path: str, gid: int | None, public: bool) -> socket.socket:
