@@ -21,6 +21,8 @@ again (a mount and three directories per VM).  Rows, interleaved round-robin:
   floor    bench/floor_reconnect.c (``cc -O2``): per VM pidfd_open, setns(CLONE_NEWNS),
            mkdir, mount hugetlbfs, mkdir -p the per-domain dir, in one process; its own
            loop time (``floor``) and its process start to exit (``floor-proc``)
+  py-floor bench/floor_reconnect.py: the same loop in Python through nsmount's ctypes
+           syscall layer (its loop time): what the interpreter costs for the bare steps
 
 Every run's end state is verified (each VM sees a hugetlbfs with its per-domain
 dir).  Target (issue 10): service <= 10x the floor.  ``--profile`` adds one more
@@ -120,6 +122,20 @@ def sandbox_main(cfg: dict[str, Any]) -> None:
         left = [i for i in range(0, n, max(1, n // 50)) if visible(i)]
         assert not left, f"reset left VMs {left[:5]} with their hugetlbfs"
 
+    def cpu_split() -> dict[str, float]:
+        """CPU seconds so far of the service's own process and of its live workers."""
+        import psutil
+
+        me = psutil.Process(svc.pid)
+        own = sum(me.cpu_times()[:2])
+        kids = 0.0
+        for c in me.children(recursive=True):
+            try:
+                kids += sum(c.cpu_times()[:2])
+            except psutil.NoSuchProcess:
+                pass
+        return {"service": own, "workers": kids}
+
     def run_service() -> dict[str, Any]:
         per_conn = 8
         reqs = []
@@ -134,6 +150,7 @@ def sandbox_main(cfg: dict[str, Any]) -> None:
             s.connect(sock_path)
             conns.append((s, b"".join(reqs[k:k + per_conn]), len(reqs[k:k + per_conn])))
         answers: dict[int, Any] = {}
+        cpu0 = cpu_split()
         t0 = time.perf_counter()
         for s, data, want in conns:
             s.sendall(data)
@@ -156,6 +173,7 @@ def sandbox_main(cfg: dict[str, Any]) -> None:
                 if key.data[1] == 0:  # all its answers: the service may close it now
                     sel.unregister(s)
         wall = time.perf_counter() - t0
+        cpu1 = cpu_split()
         for s, _, _ in conns:
             s.close()
         statuses: dict[str, int] = {}
@@ -165,7 +183,8 @@ def sandbox_main(cfg: dict[str, Any]) -> None:
             statuses[st] = statuses.get(st, 0) + 1
             if st != "repaired" and "example" not in statuses:
                 statuses["example"] = a
-        return {"wall": wall, "statuses": statuses}
+        return {"wall": wall, "statuses": statuses,
+                "cpu": {k: cpu1[k] - cpu0[k] for k in cpu0}}
 
     def run_cli() -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -184,7 +203,16 @@ def sandbox_main(cfg: dict[str, Any]) -> None:
         assert r.returncode == 0, r.stderr
         return {"wall": wall, "loop": res["loop_ns"] / 1e9, "failed": res["failed"]}
 
-    variants = {"service": run_service, "cli": run_cli}
+    def run_py_floor() -> dict[str, Any]:
+        t0 = time.perf_counter()
+        r = subprocess.run([py, str(Path(benchlib.BENCH_DIR) / "floor_reconnect.py"), HP],
+                           input=vm_lines, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        assert r.returncode == 0, r.stderr
+        res = json.loads(r.stdout)
+        return {"wall": wall, "loop": res["loop_ns"] / 1e9, "failed": res["failed"]}
+
+    variants = {"service": run_service, "cli": run_cli, "py-floor": run_py_floor}
     if floor:
         variants["floor"] = run_floor
     order = list(variants)
@@ -198,7 +226,24 @@ def sandbox_main(cfg: dict[str, Any]) -> None:
             settle()
             print(f"round {r + 1} {name}: {res}", file=sys.stderr, flush=True)
 
+    def sampled_service_run() -> dict[str, Any]:
+        """One more service run with py-spy sampling the service and its workers."""
+        spy = subprocess.Popen([cfg["sample"], "record", "--subprocesses", "--idle",
+                                "--rate", "1000", "--format", "raw", "-o", "/tmp/spy.txt",
+                                "--pid", str(svc.pid)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+        time.sleep(1.0)  # attached
+        reset()
+        res = run_service()
+        time.sleep(0.2)
+        spy.send_signal(2)
+        spy.wait()
+        res["stacks"] = Path("/tmp/spy.txt").read_text()
+        return res
+
     out: dict[str, Any] = {"n": n, "op": cfg["op"], "launch_s": t_launch, "samples": samples}
+    if cfg.get("sample"):
+        out["sampled"] = sampled_service_run()
     svc.terminate()
     svc.wait()
     if cfg["profile"]:
@@ -268,6 +313,7 @@ def merged_profile(d: str) -> str:
         if f.endswith("service.prof"):
             s.write("--- the service loop ---\n")
             pstats.Stats(f, stream=s).sort_stats("tottime").print_stats(15)
+            pstats.Stats(f, stream=s).sort_stats("cumulative").print_stats(45)
     return s.getvalue()
 
 
@@ -277,6 +323,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--op", choices=("reconnect", "repair"), default="reconnect")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--sample", action="store_true",
+                    help="one more service run sampled by py-spy (if installed): "
+                         "where the wall time goes, per function, unbiased")
     ap.add_argument("--json", default=str(RESULTS / "floor.json"))
     a = ap.parse_args()
     floor, why = compile_floor()
@@ -289,7 +338,8 @@ def main() -> None:
         print(f"floor rows skipped: {why}")
     res, elapsed = run_sandbox_main("bench_floor", {"n": a.n, "rounds": a.rounds, "op": a.op,
                                                     "floor": floor, "reset_fallback": None,
-                                                    "profile": a.profile},
+                                                    "profile": a.profile,
+                                                    "sample": a.sample and shutil.which("py-spy")},
                                     hugetlbfs=[], timeout=1800)
     rows: dict[str, list[float]] = {}
     for name, runs in res["samples"].items():
@@ -297,6 +347,8 @@ def main() -> None:
         if name == "floor":
             rows["floor-proc"] = rows.pop("floor")
             rows["floor"] = [r["loop"] for r in runs]
+        if name == "py-floor":
+            rows["py-floor"] = [r["loop"] for r in runs]
         if name == "cli":
             rows["cli-library"] = [r["lib"] for r in runs]
     med = {k: statistics.median(v) for k, v in rows.items()}
@@ -304,11 +356,15 @@ def main() -> None:
     print(f"N = {res['n']} VMs (launched in {res['launch_s']:.1f} s); service op "
           f"{res['op']!r}; {a.rounds} rounds, interleaved")
     print(f"{'row':<12} {'median ms':>10} {'min ms':>9} {'max ms':>9} {'x floor':>8}")
-    for k in ("floor", "floor-proc", "service", "cli", "cli-library"):
+    for k in ("floor", "floor-proc", "py-floor", "service", "cli", "cli-library"):
         if k in rows:
             ratio = f"{med[k] / base:8.1f}" if base else "       -"
             print(f"{k:<12} {med[k] * 1000:10.1f} {min(rows[k]) * 1000:9.1f} "
                   f"{max(rows[k]) * 1000:9.1f} {ratio}")
+    for r in res["samples"].get("service", []):
+        if "cpu" in r:
+            print(f"service CPU ms in that run: loop {r['cpu']['service'] * 1000:.0f}, "
+                  f"workers {r['cpu']['workers'] * 1000:.0f} (wall {r['wall'] * 1000:.0f})")
     for name, runs in res["samples"].items():
         bad = sum(r["unverified"] for r in runs)
         print(f"{name}: unverified VMs over all rounds: {bad}; last statuses: "

@@ -465,11 +465,31 @@ def _parsed_or_error(fn: Any, line: str) -> object:
 def test_mountinfo_fast_path_is_the_checked_parser(line: str) -> None:
     """parse_line's fast path accepts and returns exactly what the field-by-field
     parser does (which still handles every line the fast path hands over)."""
-    fast = _parsed_or_error(mountinfo.parse_line, line)
+    fast = _parsed_or_error(mountinfo._parse_line, line)
     checked = _parsed_or_error(mountinfo._parse_line_checked, line)
     assert fast == checked
     if isinstance(fast, mountinfo.Mount):
         assert fast.__dict__ == checked.__dict__  # type: ignore[union-attr]
+
+
+@given(st.one_of(
+    mount_fields().map(_line),
+    st.lists(st.sampled_from(["1", "0", "-", "12:3", "shared:1", "master:x", "rw", "/",
+                              "", "9" * 21, "²", "x"]), max_size=10).map(" ".join)),
+    st.sampled_from(["7", "0", "12345", "9" * 20, "9" * 21, "²", "", "x", "-1", "1 2"]),
+    st.sampled_from(["3", "0", "9" * 21, "³", "", "a"]))
+def test_mountinfo_memo_is_the_checked_parser(line: str, mid: str, parent: str) -> None:
+    """A line parsed once, then the same line with other ids (what the memo answers):
+    exactly what the field-by-field parser returns or refuses, ids included."""
+    mountinfo._MEMO.clear()
+    _parsed_or_error(mountinfo.parse_line, line)
+    tail = line.partition(" ")[2].partition(" ")[2]
+    other = f"{mid} {parent} {tail}"
+    got = _parsed_or_error(mountinfo.parse_line, other)
+    checked = _parsed_or_error(mountinfo._parse_line_checked, other)
+    assert got == checked
+    if isinstance(got, mountinfo.Mount):
+        assert got.__dict__ == checked.__dict__  # type: ignore[union-attr]
 
 
 @given(st.one_of(ABS_PATH, st.text(st.sampled_from("ab/"), max_size=8)),

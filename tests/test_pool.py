@@ -151,6 +151,39 @@ def test_urgent_task_starts_an_extra_worker() -> None:
         reactor.close()
 
 
+def test_urgent_work_making_progress_starts_no_extra_worker() -> None:
+    """A burst of requests (a libvirt daemon restart) while every worker moves from
+    item to item: no extra process, whose fork would only compete for the CPUs."""
+    pool, reactor = _pool(size=2, max_size=6)
+    try:
+        tasks = [Task("sleep", [0.005] * 4, 10, _noop, urgent=True) for _ in range(40)]
+        got = _run(pool, reactor, tasks, 160)
+        assert len(got) == 160 and all(e is None for _i, _v, e in got)
+        assert len(pool.workers) == 2
+        assert {v for _i, v, _e in got} <= {w.pid for w in pool.workers.values()}
+    finally:
+        pool.close()
+        reactor.close()
+
+
+def test_urgent_task_behind_a_stuck_item_starts_an_extra_worker() -> None:
+    """Every worker on urgent work, one of them held by an item that blocks (a frozen
+    VM): after STUCK seconds the waiting request gets a worker of its own."""
+    pool, reactor = _pool(size=1, max_size=2)
+    try:
+        done: list[float] = []
+        t0 = time.monotonic()
+        stuck = Task("sleep", [2.0], 10, _noop, urgent=True)
+        fast = Task("echo", ["hook"], 10, lambda *_a: done.append(time.monotonic() - t0),
+                    urgent=True)
+        got = _run(pool, reactor, [stuck, fast], 2)
+        assert got[0][0] == "hook" and done[0] < 1.0
+        assert len(pool.workers) == 2
+    finally:
+        pool.close()
+        reactor.close()
+
+
 def test_close_fails_what_is_left_and_leaks_nothing() -> None:
     before = len(os.listdir("/proc/self/fd"))
     pool, reactor = _pool(size=2, max_size=2)

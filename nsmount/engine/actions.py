@@ -25,21 +25,40 @@ class Action:
     @property
     def kind(self) -> str:
         """The stable, documented name in JSON and logs: ``make-hugepage-dir``."""
-        return kebab(self.name)
+        return _kind_of(type(self))
 
     def describe(self) -> str:  # pragma: no cover - overridden
         return self.name
 
     def to_dict(self) -> dict[str, object]:
         d: dict[str, object] = {"action": self.kind, "description": self.describe()}
-        for f in fields(self):
-            val = getattr(self, f.name)
+        for name in _field_names(type(self)):
+            val = getattr(self, name)
             if isinstance(val, Entry):
                 val = val.to_dict()
             elif isinstance(val, tuple):
                 val = [v.to_dict() if isinstance(v, Action) else v for v in val]
-            d[f.name] = val
+            d[name] = val
         return d
+
+
+#: per action class, worked out once: its kind, its field names
+_KINDS: dict[type, str] = {}
+_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _kind_of(cls: type) -> str:
+    kind = _KINDS.get(cls)
+    if kind is None:
+        kind = _KINDS[cls] = kebab(cls.__name__)
+    return kind
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    names = _FIELDS.get(cls)
+    if names is None:
+        names = _FIELDS[cls] = tuple(f.name for f in fields(cls))
+    return names
 
 
 @dataclass(frozen=True)

@@ -60,8 +60,9 @@ class Result:
     error: str = ""
     note: str = ""
 
-    def to_dict(self) -> dict[str, object]:
-        d = self.action.to_dict()
+    def to_dict(self, action: dict[str, object] | None = None) -> dict[str, object]:
+        """``action``: the action's dict form when the caller made it already."""
+        d = dict(action) if action is not None else self.action.to_dict()
         d["ok"] = self.ok
         if self.error:
             d["error"] = self.error

@@ -116,8 +116,43 @@ _HEAD = re.compile(r"(\d{1,20}) (\d{1,20}) (\d{1,20}):(\d{1,20}) ", re.ASCII)
 _new_mount = object.__new__
 
 
+#: parsed lines by everything after their two ids (see :func:`parse_line`); cleared
+#: when full, so it holds at most this many
+_MEMO: dict[str, dict[str, object]] = {}
+_MEMO_MAX = 4096
+
+
+def _is_id(text: str) -> bool:
+    """What :func:`_int` accepts (``'²'.isdigit()`` is True: ASCII checked first)."""
+    return text.isascii() and text.isdigit() and len(text) <= 20
+
+
 def parse_line(line: str) -> Mount:
     """One mountinfo line as a :class:`Mount`; MountinfoError when it is not proc(5).
+
+    Remembered by what follows the two ids: the mount namespaces of many VMs on one
+    host are copies of the host's, so most of their lines differ from a line seen
+    before only in the mount and parent ids (a VM's table of ~20 lines was the largest
+    single cost of looking at it).  Everything after the ids decides every other field
+    and whether the line is well formed; the ids are checked as :func:`_int` does."""
+    mid, _, rest = line.partition(" ")
+    parent, _, tail = rest.partition(" ")
+    known = _MEMO.get(tail)
+    if known is not None and _is_id(mid) and _is_id(parent):
+        m = _new_mount(Mount)
+        d = known.copy()
+        d["mount_id"], d["parent_id"] = int(mid), int(parent)
+        object.__setattr__(m, "__dict__", d)
+        return m
+    m = _parse_line(line)
+    if len(_MEMO) >= _MEMO_MAX:
+        _MEMO.clear()
+    _MEMO[tail] = m.__dict__
+    return m
+
+
+def _parse_line(line: str) -> Mount:
+    """:func:`parse_line` without the memo.
 
     The common line (plain ASCII, no escapes, numbers well formed) takes a fast path
     whose checks are the same as :func:`_parse_line_checked`'s, done in one go (one

@@ -4,6 +4,7 @@ and :func:`failure`, the one place where an exception becomes a VM's failed outc
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,11 +33,14 @@ class Outcome:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        actions = [a.to_dict() for a in self.actions]
+        done = {id(a): d for a, d in zip(self.actions, actions, strict=True)}
         d: dict[str, Any] = {
             "pid": self.pid, "name": self.name, "source": self.source, "status": self.status,
             "drift": [x.to_dict() for x in self.drifts],
-            "actions": [a.to_dict() for a in self.actions],
-            "results": [r.to_dict() for r in self.results],
+            "actions": actions,
+            # a result repeats its action: each action is put in dict form once
+            "results": [r.to_dict(done.get(id(r.action))) for r in self.results],
             "warnings": self.warnings, "seconds": round(self.seconds, 6),
         }
         if self.error:
@@ -51,15 +55,27 @@ class Report:
     seconds: float = 0.0
 
     def summary(self) -> dict[str, int]:
-        s = {"total": len(self.outcomes), "ok": 0, "repaired": 0, "failed": 0,
-             "would-repair": 0}
-        for o in self.outcomes:
-            s[o.status] = s.get(o.status, 0) + 1
-        return s
+        return summarize(o.status for o in self.outcomes)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"summary": self.summary(), "seconds": round(self.seconds, 4),
-                "vms": [o.to_dict() for o in self.outcomes]}
+        return report_dict([o.to_dict() for o in self.outcomes], self.seconds)
+
+
+def summarize(statuses: Iterable[str]) -> dict[str, int]:
+    """A report's ``summary``: how many VMs ended in each status, and in all."""
+    s = {"total": 0, "ok": 0, "repaired": 0, "failed": 0, "would-repair": 0}
+    for st in statuses:
+        s[st] = s.get(st, 0) + 1
+        s["total"] += 1
+    return s
+
+
+def report_dict(vms: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """:meth:`Report.to_dict` of outcomes already in their dict form (the service's
+    workers send them so: a dict of plain values crosses a pipe for less than the
+    objects would, and the service answers with it as it is)."""
+    return {"summary": summarize(str(o.get("status")) for o in vms),
+            "seconds": round(seconds, 4), "vms": vms}
 
 
 def failure(out: Outcome, exc: BaseException, target: Target | None = None) -> Outcome:

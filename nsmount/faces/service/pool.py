@@ -17,13 +17,19 @@ killed (SIGKILL), that item is reported, the task's remaining items go back to t
 front of their queue, and a fresh worker takes over when there is work.
 
 Two queues, both first come, first served: urgent tasks (a socket request someone
-waits for: the libvirt hook) go before the others and, when no worker is idle, may
-start extra workers up to ``max_size``; but while other tasks wait and no worker
-works on one, the next idle worker takes one of those, so requests can never starve
-the event batches.  Extra workers leave after :data:`IDLE_RETIRE` seconds without
-work; a worker is replaced after :data:`MAX_ITEMS` items, or after a task when it
-asks to be (its ``context["retire"]``: see :mod:`.tasks`), which bounds what one
-process can accumulate.
+waits for: the libvirt hook) go before the others; but while other tasks wait and no
+worker works on one, the next idle worker takes one of those, so requests can never
+starve the event batches.  When no worker is idle an urgent task may start an extra
+worker, up to ``max_size``, but only when a worker is held by something else: one on
+a non-urgent task (an event batch), or one whose current item has run
+:data:`STUCK` seconds (a VM that blocks it).  While every worker makes progress on
+urgent work, more processes than CPUs would only take turns and pay for their fork
+(a libvirt daemon restart sends a request per domain at once: 1000 requests started
+8 extra workers on 2 CPUs, and the burst took longer than with none).  Extra workers
+leave after :data:`IDLE_RETIRE` seconds without work; a worker is replaced after
+:data:`MAX_ITEMS` items, or after a task when it asks to be (its
+``context["retire"]``: see :mod:`.tasks`), which bounds what one process can
+accumulate.
 """
 
 from __future__ import annotations
@@ -52,6 +58,9 @@ MAX_ITEMS = 10000
 #: the shortest deadline an item gets (a client may ask for less; a worker killed at
 #: once would only cost forks)
 MIN_TIMEOUT = 1.0
+#: seconds an item may hold a worker before an urgent task waiting for one may start
+#: an extra worker (see the module's docstring)
+STUCK = 0.05
 #: seconds before a worker that could not be started is tried again, and how often
 SPAWN_RETRY, SPAWN_TRIES = 1.0, 5
 _LEN = struct.Struct("=I")
@@ -86,6 +95,7 @@ class _Worker:
     left: dict[int, Any] = field(default_factory=dict)  # index -> item not answered yet
     answered: int = 0  # items of the current task answered
     current: int | None = None  # index of the item being worked on
+    begun: float = 0.0  # monotonic time the current item began
     timer: Timer | None = None
     items: int = 0  # items answered over the worker's life
     idle_since: float = field(default_factory=time.monotonic)
@@ -108,6 +118,7 @@ class Pool:
         self.killed = 0
         self.spawn_failures = 0
         self.retry: Timer | None = None
+        self.recheck: Timer | None = None  # an urgent task waits: look again at STUCK
 
     # ------------------------------------------------------------------ public
     def start(self) -> None:
@@ -133,8 +144,9 @@ class Pool:
 
     def close(self) -> None:
         self.closed = True
-        if self.retry is not None:
-            self.retry.cancel()
+        for timer in (self.retry, self.recheck):
+            if timer is not None:
+                timer.cancel()
         for wk in list(self.workers.values()):
             self._lost(wk, "the service is stopping")
         self._fail_queued("the service is stopping")
@@ -157,7 +169,7 @@ class Pool:
             idle = self._idle()
             if not idle:
                 want = len(self.workers) < self.size or (
-                    self.urgent and len(self.workers) < self.max_size)
+                    self.urgent and len(self.workers) < self.max_size and self._held())
                 if not want or self.retry is not None:
                     return
                 if self._spawn() is None:
@@ -167,6 +179,28 @@ class Pool:
             if task is None:
                 return
             self._send(max(idle, key=lambda w: w.items), task)  # the warmest one
+
+    def _held(self) -> bool:
+        """Whether some worker is held by other than urgent work making progress (see
+        the module's docstring); if not yet, look again when one could be."""
+        now = time.monotonic()
+        soonest = STUCK
+        for w in self.workers.values():
+            if w.task is None:
+                continue
+            if not w.task.urgent:
+                return True
+            if w.current is not None:
+                if now - w.begun >= STUCK:
+                    return True
+                soonest = min(soonest, STUCK - (now - w.begun))
+        if self.recheck is None:
+            self.recheck = self.reactor.call_later(max(0.001, soonest), self._recheck)
+        return False
+
+    def _recheck(self) -> None:
+        self.recheck = None
+        self._dispatch()
 
     def _send(self, wk: _Worker, task: Task) -> None:
         data = pickle.dumps((task.kind, task.items), protocol=pickle.HIGHEST_PROTOCOL)
@@ -201,7 +235,7 @@ class Pool:
             if wk.task is None:
                 continue
             if kind == _BEGIN:
-                wk.current = idx
+                wk.current, wk.begun = idx, time.monotonic()
                 self._arm(wk)
             elif kind == _END:
                 self._finished(wk)

@@ -32,7 +32,7 @@ from ... import __version__ as VERSION
 from ...errors import DeadlineError, NsmountError
 from ...model.display import escape_name
 from ...state.record import open_subdir, state_dir
-from ...pipeline.outcome import Outcome, Report
+from ...pipeline.outcome import Outcome, Report, report_dict
 from ..reconnect import Candidate
 from . import config as configmod
 from . import jobs
@@ -465,12 +465,12 @@ class Service:
         now = time.monotonic()  # the last VM's answer came: every VM is done
         self.batch = None
         self.metrics.batches += 1
-        report = batch.report().to_dict()
+        report = batch.report()
         self._account(report, batch.todo, t_run=batch.started)
         log.info("batch of %d VM(s) done in %.3fs, %.3fs after its first event (VMs took "
                  "%.3fs in all; accounting %.3fs)", batch.size, now - batch.started,
                  now - min(batch.todo.values(), default=batch.started),
-                 sum(o.seconds for o in batch.outcomes), time.monotonic() - now)
+                 sum(o["seconds"] for o in batch.outcomes), time.monotonic() - now)
         self._retry_failed(report, batch.todo)
         self._write_metrics()
         if self.dirty:
@@ -494,7 +494,7 @@ class Service:
                 self.retries.pop(pid, None)
 
     def _account(self, report: dict[str, Any], t_events: dict[int, float] | None = None,
-                 *, t_run: float | None = None) -> None:
+                 *, t_run: float | None = None, log_repaired: bool = True) -> None:
         """Metrics, log lines and each VM's state from a report of a run that began at
         ``t_run`` (a VM found or left right by it is clean from then on)."""
         now = time.monotonic()
@@ -507,7 +507,7 @@ class Service:
                 self.metrics.failures += 1
                 log.warning("%s (pid %s): %s", escape_name(o.get("name") or "?"), o.get("pid"),
                             escape_name(o.get("error", "")))
-            if st == "repaired":
+            if st == "repaired" and log_repaired:
                 log.info("%s (pid %s): repaired (%d action(s))", escape_name(o.get("name") or "?"),
                          o.get("pid"), len(o.get("actions", [])))
             vm = self.registry.vms.get(o.get("pid", -1))
@@ -668,12 +668,13 @@ class Service:
                                       else FAILED, err))
                 return
             outs = [value] if value is not None else []
-            if any(not w.known for w in group) and any(o.status != "failed" for o in outs):
+            if any(not w.known for w in group) and any(o["status"] != "failed" for o in outs):
                 # pinned and checked by the pipeline: from now on the service keeps it
                 self.registry.adopt(replace(group[0].cand))
                 self._dev_index = None
-            out = Report(outs, now - t0).to_dict()
-            self._account(out, {item.cand.pid: t0}, t_run=t0)
+            out = report_dict(outs, now - t0)
+            # each request's own log line says how its VM ended
+            self._account(out, {item.cand.pid: t0}, t_run=t0, log_repaired=False)
             self._write_metrics()
             for w in group:
                 _log_request(w.conn, w.req, item.cand.pid, out, None, now - w.t0)
@@ -749,17 +750,17 @@ class Batch:
         self.size = size
         self.left = size
         self.started = time.monotonic()
-        self.outcomes: list[Outcome] = []
+        self.outcomes: list[dict[str, Any]] = []  # in their dict form (see tasks)
 
-    def add(self, cand: Candidate, value: Outcome | None, err: str | None) -> None:
+    def add(self, cand: Candidate, value: dict[str, Any] | None, err: str | None) -> None:
         self.left -= 1
         if err is not None:
             code = DeadlineError.exit_code if err.startswith("timed out") else 2
             self.outcomes.append(Outcome(cand.pid, cand.name, cand.origin, status="failed",
-                                         error=err, error_code=code))
+                                         error=err, error_code=code).to_dict())
         elif value is not None:  # None: a recorded VM that exited, forgotten
             self.outcomes.append(value)
 
-    def report(self) -> Report:
-        outs = sorted(self.outcomes, key=lambda o: (o.name or "", o.pid))
-        return Report(outs, time.monotonic() - self.started)
+    def report(self) -> dict[str, Any]:
+        outs = sorted(self.outcomes, key=lambda o: (o["name"] or "", o["pid"]))
+        return report_dict(outs, time.monotonic() - self.started)

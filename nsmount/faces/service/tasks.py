@@ -14,6 +14,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+# imported here, by the service before it forks its workers, though the pipeline
+# imports them only when it needs them: otherwise every worker (and every extra one)
+# pays for the same imports on its first libvirt VM, and keeps its own copy
+from ...engine import hostfacts as _hostfacts  # noqa: F401
+from ...kernel import userns as _userns  # noqa: F401
+from ...model import qemu_cmdline as _qemu_cmdline  # noqa: F401
+from ...state import libvirtspec as _libvirtspec  # noqa: F401
+from ...state import sysfs as _sysfs  # noqa: F401
 from ...engine.hoststate import HostState
 from ...errors import NsmountError
 from ...kernel import consts as C
@@ -67,6 +75,10 @@ def _host(batch: int | None, ctx: dict[str, Any]) -> HostState:
 
 #: descriptors a worker may gain over its first task before it retires (a leak)
 FD_SLACK = 32
+#: the descriptors are counted after every this many VMs (a listing of the worker's
+#: fd directory costs about as much as a tenth of a VM's pipeline); the mount
+#: namespace is checked after every VM
+FD_EVERY = 16
 
 
 def _home(ctx: dict[str, Any]) -> None:
@@ -94,10 +106,14 @@ def _fd_count() -> int:
 
 def _checkup(ctx: dict[str, Any]) -> None:
     """After each VM: a worker that is not back home or holds more descriptors than
-    it started with is retired by the pool once its task is done (``ctx["retire"]``),
-    so one VM's trouble never follows the worker to the next task."""
+    it started with (counted every :data:`FD_EVERY` VMs, the first included) is
+    retired by the pool once its task is done (``ctx["retire"]``), so one VM's
+    trouble never follows the worker to the next task."""
     if _my_ns() != ctx["ns"]:
         ctx["retire"] = "left in another mount namespace"
+        return
+    ctx["vms"] = done = ctx.get("vms", -1) + 1
+    if done % FD_EVERY:
         return
     n = _fd_count()
     base = ctx.setdefault("fds", n)
@@ -105,12 +121,14 @@ def _checkup(ctx: dict[str, Any]) -> None:
         ctx["retire"] = f"holds {n - base} more descriptors than it started with"
 
 
-def reconnect_vm(t: VmTask, ctx: dict[str, Any]) -> Outcome | None:
-    """The pipeline for one VM: its outcome, or None for a recorded VM that exited
+def reconnect_vm(t: VmTask, ctx: dict[str, Any]) -> dict[str, Any] | None:
+    """The pipeline for one VM: its outcome in the dict form of a report (what the
+    service answers and accounts with), or None for a recorded VM that exited
     (forgotten: record and lock dropped)."""
     _home(ctx)
     try:
-        return _reconnect_vm(t, ctx)
+        o = _reconnect_vm(t, ctx)
+        return None if o is None else o.to_dict()
     finally:
         _checkup(ctx)
 
