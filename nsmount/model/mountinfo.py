@@ -117,9 +117,11 @@ _new_mount = object.__new__
 
 
 #: parsed lines by everything after their two ids (see :func:`parse_line`); cleared
-#: when full, so it holds at most this many
+#: when full, so it holds at most this many, of lines no longer than _MEMO_LINE (a
+#: VM names its own mount points: its long paths are parsed, never kept)
 _MEMO: dict[str, dict[str, object]] = {}
 _MEMO_MAX = 4096
+_MEMO_LINE = 512
 
 
 def _is_id(text: str) -> bool:
@@ -145,9 +147,10 @@ def parse_line(line: str) -> Mount:
         object.__setattr__(m, "__dict__", d)
         return m
     m = _parse_line(line)
-    if len(_MEMO) >= _MEMO_MAX:
-        _MEMO.clear()
-    _MEMO[tail] = m.__dict__
+    if len(tail) <= _MEMO_LINE:
+        if len(_MEMO) >= _MEMO_MAX:
+            _MEMO.clear()
+        _MEMO[tail] = m.__dict__
     return m
 
 

@@ -38,6 +38,7 @@ class Reactor:
     def __init__(self) -> None:
         self.ep = select.epoll()
         self.handlers: dict[int, Callable[[int], None]] = {}
+        self._masks: dict[int, int] = {}  # what epoll has for each fd
         self._timers: list[tuple[float, int, Timer]] = []
         self._seq = itertools.count()
         self.running = False
@@ -45,11 +46,16 @@ class Reactor:
     def add(self, fd: int, mask: int, cb: Callable[[int], None]) -> None:
         self.ep.register(fd, mask)
         self.handlers[fd] = cb
+        self._masks[fd] = mask
 
     def modify(self, fd: int, mask: int) -> None:
-        self.ep.modify(fd, mask)
+        """A connection asks after every answer it sends: only a change is a syscall."""
+        if self._masks.get(fd) != mask:
+            self.ep.modify(fd, mask)
+            self._masks[fd] = mask
 
     def remove(self, fd: int) -> None:
+        self._masks.pop(fd, None)
         if self.handlers.pop(fd, None) is not None:
             try:
                 self.ep.unregister(fd)
