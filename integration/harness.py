@@ -18,8 +18,13 @@ sandbox; the code itself is imported there from this directory.
 from __future__ import annotations
 
 import ast
+import contextlib
+import fcntl
+import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,3 +69,29 @@ def ok_json(fn: Callable[..., object], *args: object, **kw: Any) -> dict[str, An
     assert out["ok"], res.describe()
     out["_describe"] = res.describe()
     return out
+
+
+@contextlib.contextmanager
+def hugepages_held(timeout: float = 600.0) -> Iterator[None]:
+    """Held by every test that changes the machine-wide ``vm.nr_hugepages`` (the real
+    QEMU hugepage test, the libvirt scenarios), for as long as it uses them: pytest-xdist
+    runs tests side by side, and one of them setting the count back while another's
+    guest maps its memory made that guest's mapping fail (ENOMEM).  An exclusive
+    ``flock`` on a file in the temp dir, taken within ``timeout`` seconds or the test
+    fails saying so."""
+    path = os.path.join(tempfile.gettempdir(), "nsmount-tests-hugepages.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"another test held {path} for {timeout:g}s") \
+                        from None
+                time.sleep(0.2)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

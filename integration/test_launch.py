@@ -37,7 +37,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import assert_ok, in_sandbox, privileged
+from harness import assert_ok, hugepages_held, in_sandbox, privileged
 from scenarios import launch
 
 pytestmark = privileged
@@ -76,25 +76,28 @@ def test_symlink_chain() -> None:
 @pytest.fixture
 def hugepages_64() -> Iterator[None]:
     """Raise the global vm.nr_hugepages by 64 (2 MiB pages) for the test, then give them
-    back.  Relative, so a concurrent test doing the same is not undone."""
-    try:
-        with open(NR_HUGEPAGES) as fh:
-            old = int(fh.read())
-    except OSError as exc:
-        pytest.skip(f"no hugepages: {exc}")
-    try:
-        with open(NR_HUGEPAGES, "w") as fh:
-            fh.write(str(old + 64))
-        with open(NR_HUGEPAGES) as fh:
-            now = int(fh.read())
-        if now < old + 32:
-            pytest.skip(f"kernel could not allocate hugepages (nr_hugepages {old} -> {now})")
-        yield
-    finally:
-        with open(NR_HUGEPAGES) as fh:
-            cur = int(fh.read())
-        with open(NR_HUGEPAGES, "w") as fh:
-            fh.write(str(max(old, cur - 64)) if cur >= old else str(old))
+    back; relative, and under :func:`harness.hugepages_held`, so no other test changes
+    the count while this one uses it."""
+    with hugepages_held():
+        try:
+            with open(NR_HUGEPAGES) as fh:
+                old = int(fh.read())
+        except OSError as exc:
+            pytest.skip(f"no hugepages: {exc}")
+        try:
+            with open(NR_HUGEPAGES, "w") as fh:
+                fh.write(str(old + 64))
+            with open(NR_HUGEPAGES) as fh:
+                now = int(fh.read())
+            if now < old + 32:
+                pytest.skip(f"kernel could not allocate hugepages (nr_hugepages {old} -> "
+                            f"{now})")
+            yield
+        finally:
+            with open(NR_HUGEPAGES) as fh:
+                cur = int(fh.read())
+            with open(NR_HUGEPAGES, "w") as fh:
+                fh.write(str(max(old, cur - 64)) if cur >= old else str(old))
 
 
 @pytest.mark.qemu

@@ -56,7 +56,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from harness import in_sandbox, privileged
+from harness import hugepages_held, in_sandbox, privileged
 from scenarios import libvirt, libvirt_serve
 
 HAVE_LIBVIRT = shutil.which("libvirtd") is not None and shutil.which("virsh") is not None
@@ -83,8 +83,9 @@ def test_libvirt_reconnect_hook_and_manual_reconnect() -> None:
     old_nr = Path(NR_HUGEPAGES).read_text().strip()
     repo = str(Path(__file__).resolve().parent.parent)
     try:
-        res = in_sandbox(libvirt.reconnect_hook_and_manual_reconnect, tag, repo,
-                         timeout=180, check=False)
+        with hugepages_held():
+            res = in_sandbox(libvirt.reconnect_hook_and_manual_reconnect, tag, repo,
+                             timeout=180, check=False)
     finally:
         if Path(NR_HUGEPAGES).read_text().strip() != old_nr:
             Path(NR_HUGEPAGES).write_text(old_nr)
@@ -102,7 +103,9 @@ def _run(fn: object, *args: object, timeout: float = 120) -> dict[str, object]:
     old_nr = Path(NR_HUGEPAGES).read_text().strip()
     repo = str(Path(__file__).resolve().parent.parent)
     try:
-        res = in_sandbox(fn, tag, repo, *args, timeout=timeout, check=False)  # type: ignore[arg-type]
+        with hugepages_held():
+            res = in_sandbox(fn, tag, repo, *args, timeout=timeout,  # type: ignore[arg-type]
+                             check=False)
     finally:
         if Path(NR_HUGEPAGES).read_text().strip() != old_nr:
             Path(NR_HUGEPAGES).write_text(old_nr)
