@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import fcntl
 import os
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,7 +33,10 @@ for _p in (INTEGRATION, INTEGRATION.parent / "tests"):
 
 from sandbox import SandboxResult, privileged, run_in_sandbox  # noqa: E402
 
-__all__ = ["assert_ok", "in_sandbox", "ok_json", "privileged", "scenario_code"]
+from nsmount.state.locks import flock_within  # noqa: E402
+
+__all__ = ["assert_ok", "hugepages_held", "in_sandbox", "ok_json", "privileged",
+           "scenario_code"]
 
 
 def scenario_code(fn: Callable[..., object], *args: object) -> str:
@@ -82,16 +83,10 @@ def hugepages_held(timeout: float = 600.0) -> Iterator[None]:
     path = os.path.join(tempfile.gettempdir(), "nsmount-tests-hugepages.lock")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"another test held {path} for {timeout:g}s") \
-                        from None
-                time.sleep(0.2)
+        try:
+            flock_within(fd, timeout, interval=0.2)
+        except TimeoutError:
+            raise AssertionError(f"another test held {path} for {timeout:g}s") from None
         yield
     finally:
         os.close(fd)  # releases the lock

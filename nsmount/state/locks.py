@@ -24,24 +24,34 @@ def vm_lock(pid: int, starttime: int, *, sdir: str | None = None,
                      os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600, dir_fd=dfd)
     finally:
         os.close(dfd)
-    waited = False
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as exc:
-                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    raise
-                waited = True
-                if time.monotonic() > deadline:
-                    raise BusyError(f"VM pid {pid} is locked by another nsmount for "
-                                    f"{timeout:.0f}s") from None
-                time.sleep(0.01)
+        try:
+            waited = flock_within(fd, timeout)
+        except TimeoutError:
+            raise BusyError(f"VM pid {pid} is locked by another nsmount for "
+                            f"{timeout:.0f}s") from None
         yield waited
     finally:
         os.close(fd)
+
+
+def flock_within(fd: int, timeout: float, interval: float = 0.01) -> bool:
+    """An exclusive ``flock`` on ``fd``, tried every ``interval`` seconds (a blocking
+    flock has no deadline); True when it had to wait, TimeoutError when not taken
+    within ``timeout`` seconds.  Closing ``fd`` releases it."""
+    deadline = time.monotonic() + timeout
+    waited = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return waited
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+        waited = True
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"flock not taken within {timeout:g}s")
+        time.sleep(interval)
 
 
 def drop_lock(pid: int, starttime: int, *, sdir: str | None = None) -> None:
