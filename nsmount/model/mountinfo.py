@@ -103,9 +103,14 @@ class Mount:
         }
 
 
+def _is_id(text: str) -> bool:
+    """A number mountinfo may hold: ASCII digits (``'²'.isdigit()`` is True but
+    ``int('²')`` fails), at most 20 of them (``int()`` refuses > 4300 digits)."""
+    return text.isascii() and text.isdigit() and len(text) <= 20
+
+
 def _int(text: str, what: str, line: str) -> int:
-    # '²'.isdigit() is True but int('²') fails; int() refuses > 4300 digits
-    if not (text.isascii() and text.isdigit() and len(text) <= 20):
+    if not _is_id(text):
         raise MountinfoError(f"mountinfo: bad {what} {text!r} in line {line!r}")
     return int(text)
 
@@ -122,11 +127,6 @@ _new_mount = object.__new__
 _MEMO: dict[str, dict[str, object]] = {}
 _MEMO_MAX = 4096
 _MEMO_LINE = 512
-
-
-def _is_id(text: str) -> bool:
-    """What :func:`_int` accepts (``'²'.isdigit()`` is True: ASCII checked first)."""
-    return text.isascii() and text.isdigit() and len(text) <= 20
 
 
 def parse_line(line: str) -> Mount:
