@@ -2,7 +2,7 @@
 """Benchmark: reconnect N running VMs through the service, the CLI and the C floor.
 
     python3 bench/bench_floor.py [--n 1000] [--rounds 3] [--op reconnect|repair]
-                                 [--profile] [--json PATH]
+                                 [--metrics] [--profile] [--sample] [--json PATH]
 
 Inside ``tests/sandbox.py``'s sandbox (a throwaway mount+PID namespace playing a
 hypervisor host).  N stand-in VMs (``launcher.launch(spec, ["sleep", "1000"])``: a
@@ -97,7 +97,9 @@ def sandbox_main(cfg: dict[str, Any]) -> None:
                 fh.write(f"{vm.pid}\n")
     os.makedirs(HP, exist_ok=True)
     subprocess.run(["mount", "-t", "hugetlbfs", "-o", "pagesize=2M", "nodev", HP], check=True)
-    svc = subprocess.Popen([py, "-m", "nsmount", "serve"], stderr=log)
+    svc = subprocess.Popen([py, "-m", "nsmount", "serve",
+                            *(["--metrics-file", "/run/nsmount.prom"] if cfg["metrics"] else [])],
+                           stderr=log)
     while not os.path.exists(sock_path):
         time.sleep(0.02)
     while talk({"op": "status"})["vms"] < n:
@@ -326,6 +328,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--op", choices=("reconnect", "repair"), default="reconnect")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--metrics", action="store_true",
+                    help="the service writes a metrics file (--metrics-file)")
     ap.add_argument("--sample", action="store_true",
                     help="one more service run sampled by py-spy (if installed): "
                          "where the wall time goes, per function, unbiased")
@@ -341,7 +345,7 @@ def main() -> None:
         print(f"floor rows skipped: {why}")
     res, elapsed = run_sandbox_main("bench_floor", {"n": a.n, "rounds": a.rounds, "op": a.op,
                                                     "floor": floor, "reset_fallback": None,
-                                                    "profile": a.profile,
+                                                    "profile": a.profile, "metrics": a.metrics,
                                                     "sample": a.sample and shutil.which("py-spy")},
                                     hugetlbfs=[], timeout=1800)
     rows: dict[str, list[float]] = {}

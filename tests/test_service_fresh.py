@@ -55,3 +55,37 @@ def test_host_node(tmp_path: Path) -> None:
     assert a is not None and a == host_node(str(p))
     os.chmod(p, 0o600)
     assert host_node(str(p)) != a
+
+
+def test_metrics_writes_are_coalesced(tmp_path: Path) -> None:
+    """A burst of changes (a libvirt daemon restart's requests) is a few writes of the
+    metrics file, not one each; the last change still reaches the file, within
+    METRICS_EVERY, and at stop."""
+    from nsmount.faces.service.serve import METRICS_EVERY
+
+    path = tmp_path / "m.prom"
+    svc = Service(config.parse(""), metrics_file=str(path))
+    writes: list[int] = []
+    real = svc.metrics.write
+
+    def counted(p: str) -> None:
+        writes.append(svc.metrics.repairs)
+        real(p)
+
+    svc.metrics.write = counted  # type: ignore[method-assign]
+    try:
+        for n in range(1, 201):
+            svc.metrics.repairs = n
+            svc._write_metrics()
+        assert writes == [1]  # the first at once, the rest wait for one timer
+        svc.reactor.call_later(METRICS_EVERY * 3, svc.reactor.stop)
+        svc.reactor.run()
+        assert writes == [1, 200]
+        assert "nsmount_repairs_total 200" in path.read_text()
+        svc.metrics.repairs = 201
+        svc.metrics_at = time.monotonic()  # as if it had just been written
+        svc._write_metrics()
+        assert writes == [1, 200]  # it waits...
+    finally:
+        svc.close()  # ...and stopping writes it
+    assert writes == [1, 200, 201] and "nsmount_repairs_total 201" in path.read_text()
