@@ -81,7 +81,7 @@ def hugepages_held(timeout: float = 600.0) -> Iterator[None]:
     ``flock`` on a file in the temp dir, taken within ``timeout`` seconds or the test
     fails saying so."""
     path = os.path.join(tempfile.gettempdir(), "nsmount-tests-hugepages.lock")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         try:
             flock_within(fd, timeout, interval=0.2)

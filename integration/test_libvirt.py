@@ -79,38 +79,26 @@ def _our_loops(tag: str) -> list[str]:
 
 
 def test_libvirt_reconnect_hook_and_manual_reconnect() -> None:
-    tag = f"nsmount-lv-{uuid.uuid4().hex[:8]}"
-    old_nr = Path(NR_HUGEPAGES).read_text().strip()
-    repo = str(Path(__file__).resolve().parent.parent)
-    try:
-        with hugepages_held():
-            res = in_sandbox(libvirt.reconnect_hook_and_manual_reconnect, tag, repo,
-                             timeout=180, check=False)
-    finally:
-        if Path(NR_HUGEPAGES).read_text().strip() != old_nr:
-            Path(NR_HUGEPAGES).write_text(old_nr)
-        for loop in _our_loops(tag):
-            subprocess.run(["losetup", "-d", loop], check=False)
-    out = res.json()
-    assert res.returncode == 0 and out.get("ok"), res.describe()
-    print(json.dumps(out, indent=1))
+    _run(libvirt.reconnect_hook_and_manual_reconnect, timeout=180)
 
 
 def _run(fn: object, *args: object, timeout: float = 120) -> dict[str, object]:
     """``fn(tag, repo, *args)`` in a sandbox; the host's nr_hugepages and loop devices
-    are restored/detached here too, whatever happened inside."""
+    are restored/detached here too, whatever happened inside -- all of it under
+    :func:`harness.hugepages_held` (the count read and restored while no other test
+    changes it)."""
     tag = f"nsmount-lv-{uuid.uuid4().hex[:8]}"
-    old_nr = Path(NR_HUGEPAGES).read_text().strip()
     repo = str(Path(__file__).resolve().parent.parent)
-    try:
-        with hugepages_held():
+    with hugepages_held():
+        old_nr = Path(NR_HUGEPAGES).read_text().strip()
+        try:
             res = in_sandbox(fn, tag, repo, *args, timeout=timeout,  # type: ignore[arg-type]
                              check=False)
-    finally:
-        if Path(NR_HUGEPAGES).read_text().strip() != old_nr:
-            Path(NR_HUGEPAGES).write_text(old_nr)
-        for loop in _our_loops(tag):
-            subprocess.run(["losetup", "-d", loop], check=False)
+        finally:
+            if Path(NR_HUGEPAGES).read_text().strip() != old_nr:
+                Path(NR_HUGEPAGES).write_text(old_nr)
+            for loop in _our_loops(tag):
+                subprocess.run(["losetup", "-d", loop], check=False)
     out: dict[str, object] = res.json()
     assert res.returncode == 0 and out.get("ok"), res.describe()
     print(json.dumps(out, indent=1))

@@ -104,9 +104,13 @@ class _Worker:
 
 class Pool:
     def __init__(self, reactor: Reactor, tasks: dict[str, TaskFn], *, size: int,
-                 max_size: int, child_setup: Callable[[], None] | None = None) -> None:
+                 max_size: int, child_setup: Callable[[], None] | None = None,
+                 after_task: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.reactor = reactor
         self.tasks = tasks
+        #: run in the worker after each task, before it reports the task's end (a check
+        #: of itself that may set ``context["retire"]``)
+        self.after_task = after_task
         self.size = max(1, size)
         self.max_size = max(self.size, max_size)
         #: run in every new worker first (the service closes its own fds there)
@@ -169,7 +173,8 @@ class Pool:
             idle = self._idle()
             if not idle:
                 want = len(self.workers) < self.size or (
-                    self.urgent and len(self.workers) < self.max_size and self._held())
+                    self.urgent and len(self.workers) < min(self.max_size,
+                                                            self.size + self._held()))
                 if not want or self.retry is not None:
                     return
                 if self._spawn() is None:
@@ -180,23 +185,24 @@ class Pool:
                 return
             self._send(max(idle, key=lambda w: w.items), task)  # the warmest one
 
-    def _held(self) -> bool:
-        """Whether some worker is held by other than urgent work making progress (see
-        the module's docstring); if not yet, look again when one could be."""
+    def _held(self) -> int:
+        """How many workers are held by other than urgent work making progress (see the
+        module's docstring): an urgent task may start as many extra workers, no more (one
+        VM that stalls is not a reason for eight).  When one more could become held, look
+        again then."""
         now = time.monotonic()
-        soonest = STUCK
+        held, soonest = 0, None
         for w in self.workers.values():
             if w.task is None:
                 continue
-            if not w.task.urgent:
-                return True
-            if w.current is not None:
-                if now - w.begun >= STUCK:
-                    return True
-                soonest = min(soonest, STUCK - (now - w.begun))
-        if self.recheck is None:
+            if not w.task.urgent or (w.current is not None and now - w.begun >= STUCK):
+                held += 1
+            else:
+                left = STUCK - (now - w.begun) if w.current is not None else STUCK
+                soonest = left if soonest is None else min(soonest, left)
+        if soonest is not None and self.recheck is None:
             self.recheck = self.reactor.call_later(max(0.001, soonest), self._recheck)
-        return False
+        return held
 
     def _recheck(self) -> None:
         self.recheck = None
@@ -381,7 +387,7 @@ class Pool:
                 become_child(self.child_setup)
                 for fd in self.fds():
                     _close_quietly(fd)
-                _worker_main(to_r, from_w, self.tasks)
+                _worker_main(to_r, from_w, self.tasks, self.after_task)
             except BaseException:
                 code = 1
             finally:
@@ -411,7 +417,8 @@ def _call(task: Task, item: Any, value: Any, err: str | None) -> None:
 
 
 # ---------------------------------------------------------------------- worker side
-def _worker_main(rfd: int, wfd: int, tasks: dict[str, TaskFn]) -> None:
+def _worker_main(rfd: int, wfd: int, tasks: dict[str, TaskFn],
+                 after_task: Callable[[dict[str, Any]], None] | None = None) -> None:
     # what the service built stays untouched by the collector: no copy-on-write of
     # the inherited heap; garbage of the worker's own making is still collected
     gc.freeze()
@@ -435,6 +442,11 @@ def _worker_main(rfd: int, wfd: int, tasks: dict[str, TaskFn]) -> None:
                 pending = _frame(_RAISED, i, f"{type(exc).__name__}: {exc}")
             if i + 1 < len(items):
                 pending += _frame(_BEGIN, i + 1)
+        if after_task is not None:
+            try:
+                after_task(context)
+            except Exception as exc:
+                context["retire"] = f"its check after a task failed: {exc}"
         _write_all(wfd, pending + _frame(_END, 0))
     log.warning("worker %d retires: %s", os.getpid(), context["retire"])
 

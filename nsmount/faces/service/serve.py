@@ -37,7 +37,7 @@ from ..reconnect import Candidate
 from . import config as configmod
 from . import jobs
 from .pool import Pool, Task
-from .tasks import TASKS, VmTask
+from .tasks import TASKS, VmTask, after_task
 from .client import socket_path
 from .config import Config, ConfigError
 from .devgate import DeviceGate
@@ -136,8 +136,10 @@ def _log_request(conn: Conn, req: Request, pid: int, value: Any, err: str | None
                         + (f" ({len(o.get('actions', []))} action(s))"
                            if o.get("status") == "repaired" else "")
                         for o in value.get("vms", [])) or "no VM"
+    name = req.domain if req.domain is not None else next(
+        (o.get("name") for o in (value or {}).get("vms", []) if o.get("name")), None)
     log.info("request %s %s (pid %d) from uid %d pid %d id %s: %s%s in %.3fs", req.op,
-             escape_name(req.domain) if req.domain is not None else "-", pid, conn.uid,
+             escape_name(name) if name is not None else "-", pid, conn.uid,
              conn.peer_pid, escape_name(str(req.id)) if req.id is not None else "-", how,
              note, seconds)
 
@@ -194,6 +196,7 @@ class Service:
         # the metrics file: when it was last written, the write that waits (if any)
         self.metrics_at = -METRICS_EVERY
         self.metrics_timer: Timer | None = None
+        self.stopping = False
 
     # ------------------------------------------------------------------ settings
     @property
@@ -218,7 +221,8 @@ class Service:
         self.gate.load(strict=True)  # a bad policy at start-up is an error (exit 3)
         # the workers first, while the service holds no sockets or watches to inherit
         self.pool = Pool(self.reactor, TASKS, size=self.workers,
-                         max_size=self.workers + MAX_JOBS, child_setup=self._in_worker)
+                         max_size=self.workers + MAX_JOBS, child_setup=self._in_worker,
+                         after_task=after_task)
         self.pool.start()
         for _ in range(self.workers):
             self.pool.submit(Task("warm-up", [None], self.timeout, lambda *_a: None))
@@ -260,9 +264,7 @@ class Service:
 
     def close(self) -> None:
         sd_notify("STOPPING=1")
-        if self.metrics_timer is not None:  # what changed last is in the file
-            self.metrics_timer.cancel()
-            self._flush_metrics()
+        self.stopping = True  # from now on the metrics file is written at once
         for j in list(self.jobs.values()):
             j.finish(timed_out=True)  # killed, never waited for
         for part in ("pool", "server", "mountwatch", "uevents", "dirwatch", "registry"):
@@ -273,6 +275,9 @@ class Service:
                 except Exception:
                     log.exception("closing %s", part)
         signal.set_wakeup_fd(-1)
+        if self.metrics_timer is not None:  # what changed last (closing included) is in it
+            self.metrics_timer.cancel()
+            self._flush_metrics()
         self.reactor.close()
 
     def _in_worker(self) -> None:
@@ -750,7 +755,7 @@ class Service:
         if not self.metrics_file or self.metrics_timer is not None:
             return
         wait = self.metrics_at + METRICS_EVERY - time.monotonic()
-        if wait > 0:
+        if wait > 0 and not self.stopping:
             self.metrics_timer = self.reactor.call_later(wait, self._flush_metrics)
         else:
             self._flush_metrics()

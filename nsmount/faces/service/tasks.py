@@ -75,10 +75,6 @@ def _host(batch: int | None, ctx: dict[str, Any]) -> HostState:
 
 #: descriptors a worker may gain over its first task before it retires (a leak)
 FD_SLACK = 32
-#: the descriptors are counted after every this many VMs (a listing of the worker's
-#: fd directory costs about as much as a tenth of a VM's pipeline); the mount
-#: namespace is checked after every VM
-FD_EVERY = 16
 
 
 def _home(ctx: dict[str, Any]) -> None:
@@ -105,16 +101,18 @@ def _fd_count() -> int:
 
 
 def _checkup(ctx: dict[str, Any]) -> None:
-    """After each VM: a worker that is not back home or holds more descriptors than
-    it started with (counted every :data:`FD_EVERY` VMs, the first included) is
-    retired by the pool once its task is done (``ctx["retire"]``), so one VM's
-    trouble never follows the worker to the next task."""
+    """After each VM: a worker that is not back home is retired by the pool once its
+    task is done (``ctx["retire"]``), so one VM's trouble never follows the worker to
+    the next task; see also :func:`after_task`."""
     if _my_ns() != ctx["ns"]:
         ctx["retire"] = "left in another mount namespace"
-        return
-    ctx["vms"] = done = ctx.get("vms", -1) + 1
-    if done % FD_EVERY:
-        return
+
+
+def after_task(ctx: dict[str, Any]) -> None:
+    """After each task (the pool's ``after_task``): a worker that holds more
+    descriptors than after its first task is retired.  Counted per task, not per VM:
+    a listing of the worker's fd directory costs about a tenth of a VM's pipeline, and
+    a burst of requests is handed over in tasks of many VMs."""
     n = _fd_count()
     base = ctx.setdefault("fds", n)
     if n > base + FD_SLACK:
