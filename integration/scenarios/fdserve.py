@@ -361,15 +361,28 @@ def user_attacks(pid_s: str, root_pid_s: str) -> None:
         c = _conn()
         socket.send_fds(c, [json.dumps({"v": 1, **good}).encode() + b"\n"], [pidfd])
         c.close()
-    # 50 concurrent clients
+    # 50 concurrent clients.  The 50 above may still count against this uid's 64
+    # connections for a moment (a loaded machine, CI); a client the service refuses
+    # as busy tries again, as a launcher would, for at most 5 s
+    _ask(s, good, [pidfd])  # the service has read everything sent before this
     results: list[Any] = []
+    busy: list[int] = []
 
     def one() -> None:
-        try:
-            with obtain_device("/dev/loop0", pid=pid, socket_path=SOCK, timeout=30) as dev:
-                results.append(os.major(os.fstat(dev.fd).st_rdev))
-        except Exception as exc:
-            results.append(str(exc))
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                with obtain_device("/dev/loop0", pid=pid, socket_path=SOCK,
+                                   timeout=30) as dev:
+                    results.append(os.major(os.fstat(dev.fd).st_rdev))
+                return
+            except Exception as exc:
+                if "connections for this uid" in str(exc) and time.monotonic() < deadline:
+                    busy.append(1)
+                    time.sleep(0.05)
+                    continue
+                results.append(str(exc))
+                return
 
     threads = [threading.Thread(target=one) for _ in range(50)]
     for t in threads:
@@ -377,6 +390,7 @@ def user_attacks(pid_s: str, root_pid_s: str) -> None:
     for t in threads:
         t.join()
     res["concurrent"] = results
+    res["concurrent_busy_retries"] = len(busy)
     s.close()
     os.close(null)
     print(json.dumps(res))
