@@ -23,6 +23,9 @@ again (a mount and three directories per VM).  Rows, interleaved round-robin:
            loop time (``floor``) and its process start to exit (``floor-proc``)
   py-floor bench/floor_reconnect.py: the same loop in Python through nsmount's ctypes
            syscall layer (its loop time): what the interpreter costs for the bare steps
+  checked-floor  bench/floor_checked.c: the syscalls nsmount's pipeline makes for such a
+           VM (the checks of the trust model), in its order, in C, with no parsing or
+           planning (its loop time): what the checks cost the kernel
 
 Every run's end state is verified (each VM sees a hugetlbfs with its per-domain
 dir).  Target (issue 10): service <= 10x the floor.  ``--profile`` adds one more
@@ -47,14 +50,14 @@ from benchlib import BENCH_DIR, RESULTS, header, run_sandbox_main, write_result
 HP = "/dev/hugepages"
 
 
-def compile_floor() -> tuple[str | None, str]:
-    """(path of the compiled floor program, or None; why not)."""
+def compile_floor(name: str = "floor_reconnect") -> tuple[str | None, str]:
+    """(path of the compiled ``bench/NAME.c``, or None; why not)."""
     cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         return None, "no C compiler (cc/gcc/clang) on PATH"
-    out = RESULTS / "floor_reconnect"
+    out = RESULTS / name
     out.parent.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run([cc, "-O2", "-Wall", "-o", str(out), str(BENCH_DIR / "floor_reconnect.c")],
+    r = subprocess.run([cc, "-O2", "-Wall", "-o", str(out), str(BENCH_DIR / f"{name}.c")],
                        capture_output=True, text=True)
     if r.returncode != 0:
         return None, f"{cc} failed: {r.stderr.strip()[-500:]}"
@@ -217,9 +220,20 @@ def sandbox_main(cfg: dict[str, Any]) -> None:
         res = json.loads(r.stdout)
         return {"wall": wall, "loop": res["loop_ns"] / 1e9, "failed": res["failed"]}
 
+    def run_checked() -> dict[str, Any]:
+        t0 = time.perf_counter()
+        r = subprocess.run([cfg["checked"], HP, "/run/floor-locks"], input=vm_lines,
+                           capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        assert r.returncode == 0, r.stderr
+        res = json.loads(r.stdout)
+        return {"wall": wall, "loop": res["loop_ns"] / 1e9, "failed": res["failed"]}
+
     variants = {"service": run_service, "cli": run_cli, "py-floor": run_py_floor}
     if floor:
         variants["floor"] = run_floor
+    if cfg.get("checked"):
+        variants["checked-floor"] = run_checked
     order = list(variants)
     samples: dict[str, list[dict[str, Any]]] = {k: [] for k in variants}
     for r in range(cfg["rounds"]):
@@ -336,6 +350,7 @@ def main() -> None:
     ap.add_argument("--json", default=str(RESULTS / "floor.json"))
     a = ap.parse_args()
     floor, why = compile_floor()
+    checked, _ = compile_floor("floor_checked")
     # bytecode caches, as an installed nsmount has them (PYTHONDONTWRITEBYTECODE in the
     # environment would otherwise make every CLI run and job child compile its imports)
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(BENCH_DIR.parent / "nsmount")],
@@ -345,6 +360,7 @@ def main() -> None:
         print(f"floor rows skipped: {why}")
     res, elapsed = run_sandbox_main("bench_floor", {"n": a.n, "rounds": a.rounds, "op": a.op,
                                                     "floor": floor, "reset_fallback": None,
+                                                    "checked": checked,
                                                     "profile": a.profile, "metrics": a.metrics,
                                                     "sample": a.sample and shutil.which("py-spy")},
                                     hugetlbfs=[], timeout=1800)
@@ -354,20 +370,24 @@ def main() -> None:
         if name == "floor":
             rows["floor-proc"] = rows.pop("floor")
             rows["floor"] = [r["loop"] for r in runs]
-        if name == "py-floor":
-            rows["py-floor"] = [r["loop"] for r in runs]
+        if name in ("py-floor", "checked-floor"):
+            rows[name] = [r["loop"] for r in runs]
         if name == "cli":
             rows["cli-library"] = [r["lib"] for r in runs]
     med = {k: statistics.median(v) for k, v in rows.items()}
     base = med.get("floor")
     print(f"N = {res['n']} VMs (launched in {res['launch_s']:.1f} s); service op "
           f"{res['op']!r}; {a.rounds} rounds, interleaved")
-    print(f"{'row':<12} {'median ms':>10} {'min ms':>9} {'max ms':>9} {'x floor':>8}")
-    for k in ("floor", "floor-proc", "py-floor", "service", "cli", "cli-library"):
+    checked_base = med.get("checked-floor")
+    print(f"{'row':<13} {'median ms':>10} {'min ms':>9} {'max ms':>9} {'x floor':>8} "
+          f"{'x checked':>9}")
+    for k in ("floor", "floor-proc", "py-floor", "checked-floor", "service", "cli",
+              "cli-library"):
         if k in rows:
             ratio = f"{med[k] / base:8.1f}" if base else "       -"
-            print(f"{k:<12} {med[k] * 1000:10.1f} {min(rows[k]) * 1000:9.1f} "
-                  f"{max(rows[k]) * 1000:9.1f} {ratio}")
+            ratio2 = f"{med[k] / checked_base:9.1f}" if checked_base else "        -"
+            print(f"{k:<13} {med[k] * 1000:10.1f} {min(rows[k]) * 1000:9.1f} "
+                  f"{max(rows[k]) * 1000:9.1f} {ratio} {ratio2}")
     for r in res["samples"].get("service", []):
         if "cpu" in r:
             c = r["cpu"]
