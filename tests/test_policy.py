@@ -125,3 +125,39 @@ def test_config_policy_key() -> None:
     assert config.policy_path(cfg) == "/srv/p.toml"
     assert config.policy_path(cfg, "/x.toml") == "/x.toml"
     assert config.policy_path(config.Config()) == "/etc/nsmount/policy.toml"
+
+
+def test_names_resolved_once_at_load() -> None:
+    """The service resolves the policy's names to ids when it loads it (no name-service
+    call per request): the resolved policy decides on ids alone, a name that does not
+    resolve grants nothing and is noted with its file and line."""
+    p = parse(GOOD, "/etc/nsmount/policy.toml")
+    users = {"alice": 2001}
+    groups = {"vmusers": 3001}
+    r, notes = p.resolved(users.get, groups.get)
+    assert r.rules[0].users == (2001, 1001) and r.rules[0].groups == (3001, 77)
+    assert r.rules[1].users == () and r.rules[1].groups == ()
+    assert notes == ["/etc/nsmount/policy.toml:8: no user 'bob'; it is granted nothing"]
+    # no names asked for: ids are what the kernel tells about the peer
+    assert ask(r, "/dev/loop3", uid=2001, user=None)[0]
+    assert ask(r, "/dev/loop3", uid=5, user=None, gids=frozenset({3001}))[0]
+    assert not ask(r, "/dev/loop3", uid=5, user="alice")[0]  # a name no longer counts
+    assert not ask(r, "/dev/sr0", uid=5, user="bob", write=False)[0]
+    assert r.grants_anything
+    only_bob, _ = parse('[[allow]]\nusers = ["bob"]\ndevices = ["/dev/sr0"]\n').resolved(
+        users.get, groups.get)
+    assert not only_bob.grants_anything  # the socket stays root's
+
+
+def test_the_service_loads_names_as_ids(tmp_path: object) -> None:
+    """DeviceGate.load resolves with the machine's user and group databases."""
+    from pathlib import Path
+
+    from nsmount.faces.service.devgate import DeviceGate
+
+    f = Path(str(tmp_path)) / "policy.toml"
+    f.write_text('[[allow]]\nusers = ["root", "no-such-user-here"]\ngroups = ["root"]\n'
+                 'devices = ["/dev/null"]\n')
+    gate = DeviceGate(str(f))
+    gate.load(strict=True)
+    assert gate.policy.rules[0].users == (0,) and gate.policy.rules[0].groups == (0,)

@@ -17,7 +17,8 @@
     access = "ro"
 
 A rule matches a peer whose uid (or user name) is in ``users`` or one of whose groups
-(primary or supplementary, id or name) is in ``groups``.  A device pattern is an
+(primary or supplementary, id or name) is in ``groups``; the service resolves the names
+to ids once, when it loads the policy (:meth:`Policy.resolved`).  A device pattern is an
 ``fnmatch`` glob matched **per path component** (``*`` never crosses a ``/``:
 ``/dev/*`` does not grant ``/dev/disk/by-id/X``) against the path as asked
 (canonical), before anything on the host is looked at (a refused user learns nothing
@@ -34,7 +35,8 @@ the file and the line (:class:`PolicyError`); the service keeps its last good po
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 from typing import Any
 
@@ -85,7 +87,38 @@ class Policy:
 
     @property
     def grants_anything(self) -> bool:
-        return bool(self.rules)
+        return any(r.users or r.groups for r in self.rules)
+
+    def resolved(self, user_id: Callable[[str], int | None],
+                 group_id: Callable[[str], int | None]) -> tuple[Policy, list[str]]:
+        """The policy with every user and group name replaced by its id, as
+        ``user_id``/``group_id`` resolve it now (None: no such name), and a note per
+        name that resolved to nothing (``FILE:LINE: ...``; such a name grants nothing).
+
+        The service resolves names once, when it loads the policy, so deciding a
+        request never asks the name service: an unprivileged peer's first request
+        must not make the event loop wait on a slow NSS (LDAP, sssd).  A user or group
+        added later counts from the next reload (SIGHUP)."""
+        where = self.path or "<policy>"
+        notes: list[str] = []
+        rules = []
+        for r in self.rules:
+            users: list[str | int] = []
+            for u in r.users:
+                uid = u if isinstance(u, int) else user_id(u)
+                if uid is None:
+                    notes.append(f"{where}:{r.line}: no user {u!r}; it is granted nothing")
+                else:
+                    users.append(uid)
+            groups: list[str | int] = []
+            for g in r.groups:
+                gid = g if isinstance(g, int) else group_id(g)
+                if gid is None:
+                    notes.append(f"{where}:{r.line}: no group {g!r}; it is granted nothing")
+                else:
+                    groups.append(gid)
+            rules.append(replace(r, users=tuple(users), groups=tuple(groups)))
+        return Policy(self.path, tuple(rules)), notes
 
     def decide(self, *, uid: int, user: str | None, gids: frozenset[int],
                groups: frozenset[str], path: str, write: bool) -> Decision:

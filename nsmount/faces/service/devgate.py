@@ -18,9 +18,7 @@ per request would cost more than the whole answer.
 from __future__ import annotations
 
 import errno
-import grp
 import logging
-import pwd
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +27,7 @@ from ...errors import DeniedError, NsmountError, RefusedError
 from ...kernel import syscalls
 from ...model.display import escape_name, safe_line
 from ...model.policy import Policy, PolicyError
+from ...state.libvirtspec import resolve_group, resolve_user
 from . import config as configmod
 from .protocol import BAD_PIDFD, BUSY, DENIED, FAILED, TIMEOUT, Request, error, ok
 from .server import Conn, close_fds
@@ -62,8 +61,6 @@ class DeviceGate:
     def __init__(self, path: str) -> None:
         self.path = path
         self.policy = Policy(None, ())
-        self._names: dict[int, str | None] = {}
-        self._gnames: dict[int, str | None] = {}
         #: device-bind jobs in flight per uid: a user whose namespace blocks (a FUSE
         #: mount nobody answers over its /) holds at most BINDS_PER_UID job slots, each
         #: for at most BIND_SECONDS, never all of root's
@@ -81,34 +78,20 @@ class DeviceGate:
                 raise
             log.error("%s; keeping the last good policy", exc.oneline())
             return
+        pol, notes = pol.resolved(resolve_user, resolve_group)
+        for note in notes:
+            log.warning("%s", safe_line(note))
         self.path, self.policy = path, pol
-        self._names.clear()
-        self._gnames.clear()
         n = len(pol.rules)
         log.info("device policy %s: %s", path, f"{n} rule(s)" if pol.path
                  else "no such file, nothing granted")
 
     # ------------------------------------------------------------------ identity
     def peer(self, conn: Conn) -> Peer:
-        gids = conn.groups()
-        return Peer(conn.uid, self._user(conn.uid), gids,
-                    frozenset(n for g in gids if (n := self._group(g)) is not None))
-
-    def _user(self, uid: int) -> str | None:
-        if uid not in self._names:
-            try:
-                self._names[uid] = pwd.getpwuid(uid).pw_name
-            except KeyError:
-                self._names[uid] = None
-        return self._names[uid]
-
-    def _group(self, gid: int) -> str | None:
-        if gid not in self._gnames:
-            try:
-                self._gnames[gid] = grp.getgrgid(gid).gr_name
-            except KeyError:
-                self._gnames[gid] = None
-        return self._gnames[gid]
+        """Who asks, from the kernel alone (``SO_PEERCRED``, ``SO_PEERGROUPS``): the
+        policy's names were resolved to ids when it was loaded, so no request waits on
+        the name service."""
+        return Peer(conn.uid, None, conn.groups(), frozenset())
 
     @staticmethod
     def vm_of(conn: Conn, pidfd: int) -> syscalls.PidfdInfo:
