@@ -116,6 +116,35 @@ def raise_refusal(ans: dict[str, Any], what: str) -> None:
     raise NsmountError(f"the nsmount service could not {what}: {code}: {msg}")
 
 
+def _pidfd_request(op: str, path: str, *, pid: int, write: bool, timeout: float,
+                   wait: float, socket_path: str | None, sock: socket.socket | None = None
+                   ) -> tuple[dict[str, Any], list[int]]:
+    """One fd op for the caller's VM ``pid``: its pidfd attached, the answer and the fds
+    that came with it within ``wait`` seconds (``timeout``: what the service is asked
+    to take).  ``sock``: an open connection to reuse, else one is made and closed."""
+    deadline = time.monotonic() + wait
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        raise NoSuchProcessError(f"pid {pid} does not exist") from None
+    try:
+        s = sock if sock is not None else connect(socket_path or service_socket(), wait)
+        try:
+            return request_fd(s, {"op": op, "path": path, "write": write,
+                                  "timeout": min(timeout, 300.0)}, pidfd, deadline)
+        except TimeoutError:
+            raise NsmountError(f"no answer from the nsmount service within {timeout:g}s") \
+                from None
+        except (BrokenPipeError, ConnectionResetError):
+            raise ServiceUnavailableError("the nsmount service closed the connection") \
+                from None
+        finally:
+            if sock is None:
+                s.close()
+    finally:
+        os.close(pidfd)
+
+
 def obtain_device(path: str, *, pid: int, write: bool = True, socket_path: str | None = None,
                   timeout: float = 10.0, sock: socket.socket | None = None) -> DeviceFd:
     """The device ``path`` opened by the service for the caller's VM ``pid``
@@ -127,28 +156,8 @@ def obtain_device(path: str, *, pid: int, write: bool = True, socket_path: str |
     ServiceUnavailableError when no service answers, NoSuchProcessError when ``pid``
     is gone."""
     path = canonical(path, what="device path")
-    deadline = time.monotonic() + timeout
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        raise NoSuchProcessError(f"pid {pid} does not exist") from None
-    own = sock is None
-    try:
-        s = sock if sock is not None else connect(socket_path or service_socket(), timeout)
-        try:
-            ans, fds = request_fd(s, {"op": "open-device", "path": path, "write": write,
-                                      "timeout": min(timeout, 300.0)}, pidfd, deadline)
-        except TimeoutError:
-            raise NsmountError(f"no answer from the nsmount service within {timeout:g}s") \
-                from None
-        except (BrokenPipeError, ConnectionResetError):
-            raise ServiceUnavailableError("the nsmount service closed the connection") \
-                from None
-        finally:
-            if own:
-                s.close()
-    finally:
-        os.close(pidfd)
+    ans, fds = _pidfd_request("open-device", path, pid=pid, write=write, timeout=timeout,
+                              wait=timeout, socket_path=socket_path, sock=sock)
     if not ans.get("ok"):
         _close(fds)
         raise_refusal(ans, f"open {path}")
@@ -187,23 +196,9 @@ def bind_device(path: str, *, pid: int, write: bool = True, socket_path: str | N
     only that).  Returns the service's result (``path``, ``node``, ``read_only``,
     ``status`` ``bound`` or ``present``).  DeniedError (exit 17) when refused."""
     path = canonical(path, what="device path")
-    deadline = time.monotonic() + timeout + 10.0
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        raise NoSuchProcessError(f"pid {pid} does not exist") from None
-    try:
-        s = connect(socket_path or service_socket(), timeout + 10.0)
-        try:
-            ans, fds = request_fd(s, {"op": "device-bind", "path": path, "write": write,
-                                      "timeout": min(timeout, 300.0)}, pidfd, deadline)
-        except TimeoutError:
-            raise NsmountError(f"no answer from the nsmount service within {timeout:g}s") \
-                from None
-        finally:
-            s.close()
-    finally:
-        os.close(pidfd)
+    # the service's job has ``timeout``; its answer may come a little after that
+    ans, fds = _pidfd_request("device-bind", path, pid=pid, write=write, timeout=timeout,
+                              wait=timeout + 10.0, socket_path=socket_path)
     _close(fds)  # this answer carries none; whatever came is not kept
     if not ans.get("ok"):
         raise_refusal(ans, f"bind {path}")
