@@ -23,9 +23,9 @@ again (a mount and three directories per VM).  Rows, interleaved round-robin:
            loop time (``floor``) and its process start to exit (``floor-proc``)
   py-floor bench/floor_reconnect.py: the same loop in Python through nsmount's ctypes
            syscall layer (its loop time): what the interpreter costs for the bare steps
-  checked-floor  bench/floor_checked.c: the syscalls nsmount's pipeline makes for such a
-           VM (the checks of the trust model), in its order, in C, with no parsing or
-           planning (its loop time): what the checks cost the kernel
+  checked-floor  the same C program's ``checked`` mode: the syscalls nsmount's pipeline
+           makes for such a VM (the checks of the trust model), in its order, in C, with
+           no parsing or planning (its loop time): what the checks cost the kernel
 
 Every run's end state is verified (each VM sees a hugetlbfs with its per-domain
 dir).  Target (issue 10): service <= 10x the floor.  ``--profile`` adds one more
@@ -51,7 +51,8 @@ HP = "/dev/hugepages"
 
 
 def compile_floor(name: str = "floor_reconnect") -> tuple[str | None, str]:
-    """(path of the compiled ``bench/NAME.c``, or None; why not)."""
+    """(path of the compiled ``bench/NAME.c``, or None; why not).  One program has the
+    plain floor, its ``reset`` and the ``checked`` floor."""
     cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         return None, "no C compiler (cc/gcc/clang) on PATH"
@@ -222,7 +223,7 @@ def sandbox_main(cfg: dict[str, Any]) -> None:
 
     def run_checked() -> dict[str, Any]:
         t0 = time.perf_counter()
-        r = subprocess.run([cfg["checked"], HP, "/run/floor-locks"], input=vm_lines,
+        r = subprocess.run([floor, "checked", HP, "/run/floor-locks"], input=vm_lines,
                            capture_output=True, text=True)
         wall = time.perf_counter() - t0
         assert r.returncode == 0, r.stderr
@@ -232,7 +233,6 @@ def sandbox_main(cfg: dict[str, Any]) -> None:
     variants = {"service": run_service, "cli": run_cli, "py-floor": run_py_floor}
     if floor:
         variants["floor"] = run_floor
-    if cfg.get("checked"):
         variants["checked-floor"] = run_checked
     order = list(variants)
     samples: dict[str, list[dict[str, Any]]] = {k: [] for k in variants}
@@ -350,7 +350,6 @@ def main() -> None:
     ap.add_argument("--json", default=str(RESULTS / "floor.json"))
     a = ap.parse_args()
     floor, why = compile_floor()
-    checked, _ = compile_floor("floor_checked")
     # bytecode caches, as an installed nsmount has them (PYTHONDONTWRITEBYTECODE in the
     # environment would otherwise make every CLI run and job child compile its imports)
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(BENCH_DIR.parent / "nsmount")],
@@ -360,7 +359,6 @@ def main() -> None:
         print(f"floor rows skipped: {why}")
     res, elapsed = run_sandbox_main("bench_floor", {"n": a.n, "rounds": a.rounds, "op": a.op,
                                                     "floor": floor, "reset_fallback": None,
-                                                    "checked": checked,
                                                     "profile": a.profile, "metrics": a.metrics,
                                                     "sample": a.sample and shutil.which("py-spy")},
                                     hugetlbfs=[], timeout=1800)

@@ -99,26 +99,24 @@ class Policy:
         request never asks the name service: an unprivileged peer's first request
         must not make the event loop wait on a slow NSS (LDAP, sssd).  A user or group
         added later counts from the next reload (SIGHUP)."""
-        where = self.path or "<policy>"
         notes: list[str] = []
-        rules = []
-        for r in self.rules:
-            users: list[str | int] = []
-            for u in r.users:
-                uid = u if isinstance(u, int) else user_id(u)
-                if uid is None:
-                    notes.append(f"{where}:{r.line}: no user {u!r}; it is granted nothing")
+
+        def ids(names: tuple[str | int, ...], lookup: Callable[[str], int | None],
+                what: str, line: int) -> tuple[str | int, ...]:
+            out: list[str | int] = []
+            for n in names:
+                i = n if isinstance(n, int) else lookup(n)
+                if i is None:
+                    notes.append(f"{self.path or '<policy>'}:{line}: no {what} {n!r}; it is "
+                                 "granted nothing")
                 else:
-                    users.append(uid)
-            groups: list[str | int] = []
-            for g in r.groups:
-                gid = g if isinstance(g, int) else group_id(g)
-                if gid is None:
-                    notes.append(f"{where}:{r.line}: no group {g!r}; it is granted nothing")
-                else:
-                    groups.append(gid)
-            rules.append(replace(r, users=tuple(users), groups=tuple(groups)))
-        return Policy(self.path, tuple(rules)), notes
+                    out.append(i)
+            return tuple(out)
+
+        rules = tuple(replace(r, users=ids(r.users, user_id, "user", r.line),
+                              groups=ids(r.groups, group_id, "group", r.line))
+                      for r in self.rules)
+        return Policy(self.path, rules), notes
 
     def decide(self, *, uid: int, user: str | None, gids: frozenset[int],
                groups: frozenset[str], path: str, write: bool) -> Decision:
