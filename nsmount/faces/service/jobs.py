@@ -56,10 +56,14 @@ class Job:
     reaped: bool = False
 
     def kill(self) -> None:
-        try:
-            os.killpg(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        """The job's process group, and the child itself: killed right after the fork
+        it may not lead its group yet (killpg would find none).  Its pid cannot have
+        been reused: the child is ours and not reaped."""
+        for send in (os.killpg, os.kill):
+            try:
+                send(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def finish(self, timed_out: bool = False) -> bool:
         """Call ``on_done(value, error)`` once; True when the child was reaped too.
