@@ -17,6 +17,8 @@ again (a mount and three directories per VM).  Rows, interleaved round-robin:
            on a daemon restart: ``reconnect`` with the domain name (libvirt pid files
            are written for the stand-ins) or, with ``--op repair``, ``repair`` with the
            pid; timed from the first request sent to the last answer read
+  service-noop  the same requests with every VM already right (no reset before it):
+           what a libvirt daemon restart costs when the service has kept the VMs right
   cli      ``python3 -m nsmount reconnect --no-scan --json -q``, start to exit
   floor    bench/floor_reconnect.c (``cc -O2``): per VM pidfd_open, setns(CLONE_NEWNS),
            mkdir, mount hugetlbfs, mkdir -p the per-domain dir, in one process; its own
@@ -190,7 +192,7 @@ def sandbox_main(cfg: dict[str, Any]) -> None:
             st = (a["result"]["vms"][0]["status"] if a["ok"] and a["result"]["vms"]
                   else a.get("error", {}).get("code", "?"))
             statuses[st] = statuses.get(st, 0) + 1
-            if st != "repaired" and "example" not in statuses:
+            if st not in ("repaired", "ok") and "example" not in statuses:
                 statuses["example"] = a
         return {"wall": wall, "statuses": statuses,
                 "cpu": {k: cpu1[k] - cpu0[k] for k in cpu0}}
@@ -230,7 +232,8 @@ def sandbox_main(cfg: dict[str, Any]) -> None:
         res = json.loads(r.stdout)
         return {"wall": wall, "loop": res["loop_ns"] / 1e9, "failed": res["failed"]}
 
-    variants = {"service": run_service, "cli": run_cli, "py-floor": run_py_floor}
+    variants = {"service": run_service, "service-noop": run_service, "cli": run_cli,
+                "py-floor": run_py_floor}
     if floor:
         variants["floor"] = run_floor
         variants["checked-floor"] = run_checked
@@ -238,7 +241,8 @@ def sandbox_main(cfg: dict[str, Any]) -> None:
     samples: dict[str, list[dict[str, Any]]] = {k: [] for k in variants}
     for r in range(cfg["rounds"]):
         for name in order[r % len(order):] + order[:r % len(order)]:
-            reset()
+            if name != "service-noop":  # every run before leaves every VM right
+                reset()
             res = variants[name]()
             res["unverified"] = sum(not visible(i) for i in range(n))
             samples[name].append(res)
@@ -379,8 +383,8 @@ def main() -> None:
     checked_base = med.get("checked-floor")
     print(f"{'row':<13} {'median ms':>10} {'min ms':>9} {'max ms':>9} {'x floor':>8} "
           f"{'x checked':>9}")
-    for k in ("floor", "floor-proc", "py-floor", "checked-floor", "service", "cli",
-              "cli-library"):
+    for k in ("floor", "floor-proc", "py-floor", "checked-floor", "service", "service-noop",
+              "cli", "cli-library"):
         if k in rows:
             ratio = f"{med[k] / base:8.1f}" if base else "       -"
             ratio2 = f"{med[k] / checked_base:9.1f}" if checked_base else "        -"
