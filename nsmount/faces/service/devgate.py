@@ -20,7 +20,6 @@ from __future__ import annotations
 import errno
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from ...errors import DeniedError, NsmountError, RefusedError
@@ -45,14 +44,6 @@ class Refused(Exception):
 #: device-bind jobs one uid may have in flight, and the most seconds one may take
 BINDS_PER_UID = 2
 BIND_SECONDS = 10.0
-
-
-@dataclass(frozen=True)
-class Peer:
-    uid: int
-    user: str | None
-    gids: frozenset[int]
-    groups: frozenset[str]
 
 
 class DeviceGate:
@@ -87,12 +78,6 @@ class DeviceGate:
                  else "no such file, nothing granted")
 
     # ------------------------------------------------------------------ identity
-    def peer(self, conn: Conn) -> Peer:
-        """Who asks, from the kernel alone (``SO_PEERCRED``, ``SO_PEERGROUPS``): the
-        policy's names were resolved to ids when it was loaded, so no request waits on
-        the name service."""
-        return Peer(conn.uid, None, conn.groups(), frozenset())
-
     @staticmethod
     def vm_of(conn: Conn, pidfd: int) -> syscalls.PidfdInfo:
         """The process the attached pidfd names, checked to be alive and the peer's own
@@ -114,10 +99,12 @@ class DeviceGate:
         return info
 
     def decide(self, conn: Conn, path: str, write: bool) -> str:
-        """The policy's grant (its reason) for the peer, or Refused(denied)."""
-        peer = self.peer(conn)
-        d = self.policy.decide(uid=peer.uid, user=peer.user, gids=peer.gids,
-                               groups=peer.groups, path=path, write=write)
+        """The policy's grant (its reason) for the peer, or Refused(denied).  Who asks
+        is what the kernel says (``SO_PEERCRED``, ``SO_PEERGROUPS``), ids only: the
+        policy's names were resolved when it was loaded, so no request waits on the
+        name service."""
+        d = self.policy.decide(uid=conn.uid, user=None, gids=conn.groups(),
+                               groups=frozenset(), path=path, write=write)
         if not d.granted:
             raise Refused(DENIED, d.reason)
         return d.reason

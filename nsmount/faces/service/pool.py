@@ -19,10 +19,10 @@ front of their queue, and a fresh worker takes over when there is work.
 Two queues, both first come, first served: urgent tasks (a socket request someone
 waits for: the libvirt hook) go before the others; but while other tasks wait and no
 worker works on one, the next idle worker takes one of those, so requests can never
-starve the event batches.  When no worker is idle an urgent task may start an extra
-worker, up to ``max_size``, but only when a worker is held by something else: one on
-a non-urgent task (an event batch), or one whose current item has run
-:data:`STUCK` seconds (a VM that blocks it).  While every worker makes progress on
+starve the event batches.  When no worker is idle an urgent task may start extra
+workers, up to ``max_size``, one for each worker held by something else: one on a
+non-urgent task (an event batch), or one whose current item has run :data:`STUCK`
+seconds (a VM that blocks it).  While every worker makes progress on
 urgent work, more processes than CPUs would only take turns and pay for their fork
 (a libvirt daemon restart sends a request per domain at once: 1000 requests started
 8 extra workers on 2 CPUs, and the burst took longer than with none).  Extra workers
